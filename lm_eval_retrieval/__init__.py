@@ -1,0 +1,23 @@
+"""lm-eval-retrieval: where a language model finds things in long context.
+
+Importing the package registers its models with lm-eval (lazily) and imports no torch; the model classes load on
+first attribute access.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import _autoload  # noqa: F401  (registration when lm-eval's registry is imported)
+
+__version__ = "0.1.0"
+
+_LAZY = {"RetrievalHeadLM": "lm_eval_retrieval.models.head_trace"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'lm_eval_retrieval' has no attribute {name!r}")

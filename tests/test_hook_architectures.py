@@ -1,0 +1,103 @@
+"""With the hook installed and no probe changing anything, every architecture computes exactly what it did before."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from lm_eval_retrieval.attention.hook import install_hook
+from lm_eval_retrieval.errors import UserInputError
+from tiny_models import ARCHITECTURES, VOCAB, tiny_model
+
+
+class ObservingProbe:
+    """Sees every call and changes nothing, so the hook's probe path is exercised too."""
+
+    def __init__(self) -> None:
+        self.layers_seen: list[int] = []
+
+    def before(self, call):
+        return None
+
+    def after(self, call, output):
+        self.layers_seen.append(call.layer)
+        return None
+
+
+def _prefill_and_decode(model, ids, mask, steps=4):
+    """Logits of a padded prefill, then `steps` cached greedy decode steps."""
+    cache = DynamicCache(config=model.config)
+    out = model(ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+    logits = [out.logits]
+    token = out.logits[:, -1:].argmax(-1)
+    for _ in range(steps):
+        mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+        out = model(token, attention_mask=mask, past_key_values=cache, use_cache=True)
+        logits.append(out.logits)
+        token = out.logits[:, -1:].argmax(-1)
+    return logits
+
+
+@pytest.mark.parametrize("base", ["sdpa", "eager"])
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_hook_leaves_logits_unchanged(arch: str, base: str) -> None:
+    plain = tiny_model(arch, attn=base)
+    hooked = copy.deepcopy(plain)
+    state = install_hook(hooked, base)
+    assert hooked.config._attn_implementation == f"lmr_{base}"
+    assert state.num_layers == plain.config.num_hidden_layers
+    torch.manual_seed(1)
+    ids = torch.randint(1, VOCAB, (2, 40))  # longer than the sliding windows of Mistral and Gemma3
+    mask = torch.ones_like(ids)
+    mask[0, :7] = 0  # left padding
+    with torch.no_grad():
+        expected = _prefill_and_decode(plain, ids, mask)
+        got = _prefill_and_decode(hooked, ids, mask)
+        probe = ObservingProbe()
+        state.probes.append(probe)
+        probed = _prefill_and_decode(hooked, ids, mask)
+        state.probes.remove(probe)
+    for e, g, p in zip(expected, got, probed):
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=0)
+        torch.testing.assert_close(p, e, atol=1e-5, rtol=0)
+    assert sorted(set(probe.layers_seen)) == list(range(state.num_layers))
+
+
+def test_seed_api_attn_is_the_exact_attention() -> None:
+    model = tiny_model("llama", attn="eager")
+    install_hook(model, "eager")
+    module = model.model.layers[0].self_attn
+    q = torch.randn(1, 4, 5, 16)
+    k = torch.randn(1, 2, 5, 16)
+    v = torch.randn(1, 2, 5, 16)
+    out, weights = module._attn(q, k, v, None, scaling=0.25)
+    k_rep = k.repeat_interleave(2, dim=1)
+    v_rep = v.repeat_interleave(2, dim=1)
+    ref = torch.softmax(q @ k_rep.transpose(-1, -2) * 0.25, dim=-1) @ v_rep
+    torch.testing.assert_close(out, ref.transpose(1, 2), atol=1e-6, rtol=0)
+
+
+def test_unknown_base_attn_is_a_one_line_error() -> None:
+    with pytest.raises(UserInputError, match="base_attn") as info:
+        install_hook(tiny_model("llama"), "flashy")
+    assert "\n" not in str(info.value)
+
+
+def test_flash_without_cuda_says_what_to_use() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    with pytest.raises(UserInputError, match="base_attn=sdpa"):
+        install_hook(tiny_model("llama"), "flash_attention_2")
+
+
+def test_model_without_attention_interface_is_an_error_at_load_time() -> None:
+    class NotAModel(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = torch.nn.Linear(4, 4)
+
+    with pytest.raises(UserInputError, match="AttentionInterface"):
+        install_hook(NotAModel(), "sdpa")
