@@ -21,7 +21,7 @@ def test_probe_equals_eager_reference_on_a_real_niah_document(smollm2_lm, englis
     counted_before = lm.documents_counted
     response = lm.trace_document(doc["input"], doc, {"until": ["\n"], "max_gen_toks": 50})
     assert lm.documents_counted == counted_before + 1, f"SmolLM2 should find the needle at 600 tokens: {response!r}"
-    got = torch.tensor([lm.head_scores[f"{layer}-{head}"][-1] for layer in range(30) for head in range(9)])
+    got = torch.tensor([lm.head_scores[f"{layer}-{head}"][-1] for layer in range(30) for head in range(9)], dtype=torch.float64)
 
     steps = len(lm.tokenizer(response, add_special_tokens=False)["input_ids"]) + 1
     implementation = lm.model.config._attn_implementation
@@ -31,7 +31,7 @@ def test_probe_equals_eager_reference_on_a_real_niah_document(smollm2_lm, englis
     finally:
         lm.model.set_attn_implementation(implementation)
     assert lm.tokenizer.decode(tokens, skip_special_tokens=True).strip().startswith(response)
-    torch.testing.assert_close(got, torch.tensor(expected).flatten(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float64).flatten(), atol=1e-12, rtol=0)
     assert got.max() > 0.5, "a real NIAH answer is copied by at least one strong retrieval head"
 
 
