@@ -102,3 +102,17 @@ def test_bad_model_args_are_one_line_errors(tmp_path: Path, model_args: str, mes
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
     assert not (tmp_path / "head_score").exists()
+
+
+def test_run_finds_the_bundled_task_and_rejects_a_metadata_typo(tmp_path: Path) -> None:
+    # No --include_path and no --model: `run` adds both. The typo is caught inside the task's own dataset code,
+    # so reaching that message proves lm-eval found the bundled task.
+    result = _run(
+        str(BIN / "lm-eval-retrieval"), "run", "--model_args", "pretrained=smollm2-135m",
+        "--tasks", "niah_retrieval_heads_en", "--metadata", '{"depth":[50]}', "--output_path", str(tmp_path),
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "unknown --metadata key(s) 'depth'" in errors[0] and "depths" in errors[0]
+    assert not (tmp_path / "head_score").exists()

@@ -12,7 +12,7 @@ from lm_eval_retrieval.attention.hook import install_hook
 from lm_eval_retrieval.attention.probes import RetrievalScoreProbe
 from lm_eval_retrieval.metrics.retrieval_score import RetrievalScoreTracker
 from reference_retrieval import reference_retrieval_scores
-from tiny_models import ARCHITECTURES, VOCAB, tiny_model
+from tiny_models import ARCH_BACKENDS, VOCAB, tiny_model
 
 STEPS = 10
 
@@ -58,8 +58,7 @@ def probe_scores(model, state, prompt: list[int], span: tuple[int, int], steps: 
     return tracker.scores(), generated
 
 
-@pytest.mark.parametrize("base", ["sdpa", "eager"])
-@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize(("arch", "base"), ARCH_BACKENDS)
 def test_probe_equals_eager_reference(arch: str, base: str) -> None:
     reference_model = tiny_model(arch, attn="eager", seed=3)
     hooked = copy.deepcopy(reference_model)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    Gemma2Config,
     Gemma3TextConfig,
     GPTNeoXConfig,
     LlamaConfig,
@@ -38,10 +39,23 @@ def tiny_config(arch: str):
             layer_types=["sliding_attention", "full_attention", "sliding_attention"],
             query_pre_attn_scalar=16,
         )
+    if arch == "gemma2":  # attention logit soft-capping (eager only: transformers' sdpa refuses softcap)
+        return Gemma2Config(
+            **COMMON,
+            intermediate_size=96,
+            num_key_value_heads=2,
+            head_dim=16,
+            sliding_window=16,
+            attn_logit_softcapping=5.0,
+            final_logit_softcapping=3.0,
+            query_pre_attn_scalar=16,
+        )
     raise ValueError(arch)
 
 
 ARCHITECTURES = ["llama", "qwen2", "mistral", "phi3", "gpt_neox", "gemma3"]
+# (architecture, base backend) pairs every hook test runs on
+ARCH_BACKENDS = [(arch, base) for arch in ARCHITECTURES for base in ("sdpa", "eager")] + [("gemma2", "eager")]
 
 
 def tiny_model(arch: str, attn: str = "sdpa", seed: int = 0) -> torch.nn.Module:
