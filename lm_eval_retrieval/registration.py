@@ -4,6 +4,7 @@ from __future__ import annotations
 
 MODELS = {
     "retrieval-head-hf": "lm_eval_retrieval.models.head_trace:RetrievalHeadLM",
+    "ret-approx-hf": "lm_eval_retrieval.models.ret_approx:RetApproxLM",
 }
 
 

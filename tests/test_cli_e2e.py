@@ -116,3 +116,82 @@ def test_run_finds_the_bundled_task_and_rejects_a_metadata_typo(tmp_path: Path) 
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "unknown --metadata key(s) 'depth'" in errors[0] and "depths" in errors[0]
     assert not (tmp_path / "head_score").exists()
+
+
+@pytest.fixture(scope="module")
+def approx_runs(tmp_path_factory) -> dict[str, Path]:
+    """The seed's flags through `lm-eval-retrieval approx`, once exact and once with the LSH retriever."""
+    runs = {}
+    for approx in ("exact_topk", "simhash"):
+        out = tmp_path_factory.mktemp(approx)
+        result = _run(
+            str(BIN / "lm-eval-retrieval"), "approx", "--pretrained", "smollm2-135m", "--tasks", "retrieval_ppl_en",
+            "--batch", "2", "--limit", "2", "--topk", "10", "--layerwise_topk_analysis", "--approx", approx,
+            "--output_path", str(out), "--metadata", '{"doc_sentences":12}',
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "| model.layers.29.self_attn" in result.stdout
+        runs[approx] = out / "smollm2-135m"
+    return runs
+
+
+def test_approx_run_writes_table_stats_and_plots(approx_runs: dict[str, Path]) -> None:
+    folder = approx_runs["exact_topk"]
+    rows = [line for line in (folder / "recall_table.md").read_text().splitlines() if line.startswith("| model.")]
+    assert [row.split("|")[1].strip() for row in rows] == [f"model.layers.{i}.self_attn" for i in range(30)]
+    stats = json.loads((folder / "recall_stats.json").read_text())
+    assert stats["topk"] == 10 and stats["layerwise_topk_analysis"] is True
+    assert all(r == 1.0 for layer in stats["layers"] for r in layer["recall"])
+    assert all(q > 0 for layer in stats["layers"] for q in layer["queries"])
+    assert len(stats["mass_curve"]["mass"]) == 30 and stats["mass_curve"]["k"][-1] == 1024
+    for png in ("exact_topk_attn_ratio.png", "approx_topk_attn_ratio.png", "recall_heatmap.png", "topk_mass_curve.png"):
+        assert (folder / png).stat().st_size > 5000
+    results = json.loads(Path(glob.glob(str(folder / "results_*.json"))[0]).read_text())
+    assert results["config"]["retrieval_approx"]["layers"][0]["queries"] == stats["layers"][0]["queries"]
+    simhash = json.loads((approx_runs["simhash"] / "recall_stats.json").read_text())
+    assert np.nanmean([r for layer in simhash["layers"] for r in layer["recall"]]) < 0.9
+
+
+def test_compare_two_runs(approx_runs: dict[str, Path], tmp_path: Path) -> None:
+    result = _run(
+        str(BIN / "lm-eval-retrieval"), "compare", str(approx_runs["exact_topk"]), str(approx_runs["simhash"]),
+        "--output_dir", str(tmp_path),
+    )
+    assert result.returncode == 0, result.stderr
+    assert "model.layers.0.self_attn" in result.stdout
+    assert (tmp_path / "comparison.md").is_file() and (tmp_path / "recall_delta_heatmap.png").stat().st_size > 5000
+
+
+@pytest.mark.parametrize(
+    ("model_args", "message"),
+    [
+        ("pretrained=smollm2-135m,topk=0", "topk must be a positive integer, got 0"),
+        ("pretrained=smollm2-135m,approx=no_such_pkg.mod:fn", "approx='no_such_pkg.mod:fn' cannot be imported"),
+        ("pretrained=smollm2-135m,topk_k=5", "unknown model_args key(s) 'topk_k'"),
+    ],
+)
+def test_bad_ret_approx_args_are_one_line_errors(tmp_path: Path, model_args: str, message: str) -> None:
+    (tmp_path / "keep.txt").write_text("an earlier result")
+    result = _run(
+        str(BIN / "lm_eval"), "--model", "ret-approx-hf", "--model_args", model_args,
+        "--tasks", "retrieval_ppl_en", "--include_path", tasks_dir(), "--output_path", str(tmp_path),
+    )
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
+
+
+def test_readme_subclass_example_through_run_import(tiny_model_dir: str, tmp_path: Path) -> None:
+    from test_ret_approx import readme_example
+
+    (tmp_path / "my_approx.py").write_text(readme_example())
+    result = _run(
+        str(BIN / "lm-eval-retrieval"), "run", "--import", "my_approx", "--model", "recent-approx-hf",
+        "--model_args", f"pretrained={tiny_model_dir},topk=2,min_visible_keys=20", "--tasks", "retrieval_ppl_en",
+        "--limit", "1", "--output_path", "out", cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    stats = json.loads(next((tmp_path / "out").glob("*/recall_stats.json")).read_text())
+    assert stats["approx"] == "most_recent_keys"
+    assert 0 < np.nanmean([r for layer in stats["layers"] for r in layer["recall"]]) < 1

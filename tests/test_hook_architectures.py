@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import types
 
 import pytest
 import torch
@@ -66,17 +67,22 @@ def test_hook_leaves_logits_unchanged(arch: str, base: str) -> None:
 
 
 def test_seed_api_attn_is_the_exact_attention() -> None:
+    """`module._attn` takes the approximation contract and returns the plain softmax attention and its top-k ids."""
     model = tiny_model("llama", attn="eager")
     install_hook(model, "eager")
     module = model.model.layers[0].self_attn
     q = torch.randn(1, 4, 5, 16)
     k = torch.randn(1, 2, 5, 16)
     v = torch.randn(1, 2, 5, 16)
-    out, weights = module._attn(q, k, v, None, scaling=0.25)
+    causal = torch.ones(5, 5, dtype=torch.bool).tril()[None, None]
+    bound = types.MethodType(module._attn, module)  # the seed idiom
+    out, weights, ids = bound(q, k, v, causal, 0.25, 2)
     k_rep = k.repeat_interleave(2, dim=1)
     v_rep = v.repeat_interleave(2, dim=1)
-    ref = torch.softmax(q @ k_rep.transpose(-1, -2) * 0.25, dim=-1) @ v_rep
-    torch.testing.assert_close(out, ref.transpose(1, 2), atol=1e-6, rtol=0)
+    scores = (q @ k_rep.transpose(-1, -2) * 0.25).masked_fill(~causal, float("-inf"))
+    torch.testing.assert_close(out, torch.softmax(scores, dim=-1) @ v_rep, atol=1e-6, rtol=0)
+    torch.testing.assert_close(weights, torch.softmax(scores, dim=-1), atol=1e-6, rtol=0)
+    assert torch.equal(ids, scores.topk(2, dim=-1).indices)
 
 
 def test_unknown_base_attn_is_a_one_line_error() -> None:

@@ -13,7 +13,6 @@ Gemma's soft-capping, GPT-NeoX's fused projections or Qwen2's biases stay the mo
 from __future__ import annotations
 
 import sys
-import types
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
@@ -21,6 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import UserInputError
+from .approx.common import exact_attention
 
 HOOK_PREFIX = "lmr_"
 BASE_BACKENDS = ("sdpa", "eager", "flash_attention_2")
@@ -85,6 +85,7 @@ def hooked_attention(
         # Backends default to 1/sqrt(d) when no scaling is passed; probes must use the same number.
         scaling = query.shape[-1] ** -0.5
     call = AttentionCall(module, module._lmr_layer, query, key, value, attention_mask, scaling, kwargs)
+    module._lmr_softcap = kwargs.get("softcap")  # approximations score keys the way this call does
     for probe in state.probes:
         new_query = probe.before(call)
         if new_query is not None:
@@ -179,8 +180,9 @@ def install_hook(model: nn.Module, base_attn: str = "sdpa") -> HookState:
         module._lmr_layer = layer
         module._lmr_state = state
         module._lmr_base = _base_function(base_attn, module)
-        # The seed API: `module._attn` is the exact attention of this module, bound to it.
-        module._attn = types.MethodType(module._lmr_base, module)
+        # The seed API: `module._attn` is the exact attention in the `_approx_attn` contract, unbound, so that
+        # `module._approx_attn = MethodType(module._attn, module)` turns the "approximation" exact.
+        module._attn = exact_attention
         state.module_names.append(name)
     model.set_attn_implementation(register_backend(base_attn))
     model._lmr_state = state

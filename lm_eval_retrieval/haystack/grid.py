@@ -70,11 +70,12 @@ def metadata_from_argv(argv: list[str] | None = None) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-def check_metadata_keys(keys: set[str]) -> None:
-    unknown = sorted(k for k in keys if k not in TASK_KEYS and k != "version")
+def check_metadata_keys(keys: set[str], allowed: dict[str, str] = TASK_KEYS) -> None:
+    """Every key the user typed must be one the task knows; the error lists the known ones."""
+    unknown = sorted(k for k in keys if k not in allowed and k != "version")
     if unknown:
         raise UserInputError(
-            f"unknown --metadata key(s) {', '.join(map(repr, unknown))}; known keys: {', '.join(TASK_KEYS)}"
+            f"unknown --metadata key(s) {', '.join(map(repr, unknown))}; known keys: {', '.join(allowed)}"
         )
 
 

@@ -8,40 +8,25 @@ one-line JSON format, to `<output_path>/head_score/<model>.json`.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
-import sys
 from typing import Any
 
 import torch
-from lm_eval.models.huggingface import HFLM
 from tqdm import tqdm
 from transformers import DynamicCache
 
-from ..attention.hook import check_base_attn, install_hook
 from ..attention.probes import RetrievalScoreProbe
 from ..errors import UserInputError
 from ..metrics.retrieval_score import RetrievalScoreTracker
 from ..metrics.rouge import rouge1_recall
 from ..report.heads import rank_heads, write_head_scores
-from .aliases import resolve_model
+from .base import HookedHFLM
 
 log = logging.getLogger(__name__)
 
 ROUGE_GATE = 50.0
 NEEDLE_DOC_KEYS = ("answer", "answer_char_start", "answer_char_end", "input")
-
-
-def output_dir_from_argv(argv: list[str] | None = None) -> str | None:
-    """The `--output_path` of the running `lm_eval` command: lm-eval does not hand it to the model."""
-    parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--output_path", "-o")
-    known, _ = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
-    path = known.output_path
-    if path and path.endswith(".json"):
-        path = os.path.dirname(path) or "."
-    return path
 
 
 def answer_token_span(offsets: list[tuple[int, int]], char_start: int, char_end: int) -> tuple[int, int]:
@@ -52,37 +37,15 @@ def answer_token_span(offsets: list[tuple[int, int]], char_start: int, char_end:
     return inside[0], inside[-1] + 1
 
 
-class RetrievalHeadLM(HFLM):
+class RetrievalHeadLM(HookedHFLM):
     """HFLM plus a retrieval-score probe on every attention head during greedy answer decoding."""
 
-    def __init__(
-        self,
-        pretrained: str = "smollm2-135m",
-        base_attn: str = "sdpa",
-        max_new_tokens: int = 50,
-        output_path: str | None = None,
-        gguf_file: str | None = None,
-        device: str | None = None,
-        top_heads: int = 20,
-        **kwargs: Any,
-    ) -> None:
-        check_base_attn(base_attn)
-        resolved = resolve_model(str(pretrained), gguf_file)
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        super().__init__(
-            pretrained=resolved.pretrained,
-            gguf_file=resolved.gguf_file,
-            device=device,
-            attn_implementation=base_attn,
-            **kwargs,
-        )
-        self.model_name = resolved.name
-        self.base_attn = base_attn
+    OWN_ARGS = ("max_new_tokens", "top_heads")
+
+    def __init__(self, max_new_tokens: int = 50, top_heads: int = 20, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self.max_new_tokens = int(max_new_tokens)
         self.top_heads = int(top_heads)
-        self.output_dir = output_path or output_dir_from_argv() or "."
-        self.hook_state = install_hook(self.model, base_attn)
         self.head_scores: dict[str, list[float]] = {
             f"{layer}-{head}": []
             for layer in range(self.hook_state.num_layers)
@@ -225,8 +188,7 @@ class RetrievalHeadLM(HFLM):
             for layer, head, score in self.ranked_heads()[: self.top_heads]
         ]
         return {
-            "model_num_parameters": sum(p.numel() for p in self.model.parameters()),
-            "model_dtype": str(self.model.dtype),
+            **super().get_model_info(),
             "retrieval_heads": {
                 "model": self.model_name,
                 "base_attn": self.base_attn,

@@ -17,7 +17,6 @@ import math
 import numbers
 import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Union
@@ -25,6 +24,7 @@ from typing import Any, Union
 import numpy as np
 
 from lm_eval_retrieval.errors import UserInputError
+from lm_eval_retrieval.report.files import atomic_write
 
 __all__ = [
     "HeadScores",
@@ -432,34 +432,4 @@ def write_head_scores(
     payload = {f"{layer}-{head}": entries[(layer, head)] for layer, head in sorted(entries)}
     text = json.dumps(payload, allow_nan=False) + "\n"
 
-    target = Path(path)
-    if target.is_dir():
-        raise UserInputError(
-            f"cannot write head scores to {where}: it is a directory; give a file path ending in .json"
-        )
-    tmp_name: str | None = None
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            mode = target.stat().st_mode & 0o777
-        except FileNotFoundError:
-            mode = 0o644
-        fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as tmp:
-            tmp.write(text)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        os.chmod(tmp_name, mode)
-        os.replace(tmp_name, target)
-        tmp_name = None
-    except OSError as exc:
-        reason = exc.strerror or type(exc).__name__
-        raise UserInputError(
-            f"cannot write head scores to {where}: {reason}; choose a writable output path"
-        ) from None
-    finally:
-        if tmp_name is not None:
-            try:
-                os.unlink(tmp_name)
-            except OSError:
-                pass
+    atomic_write(path, text, what=f"head scores ({where})")

@@ -1,5 +1,8 @@
 """Run by the installed `lm_eval_retrieval.pth` in every interpreter of the environment, so it must cost nothing.
 
+A top-level module on purpose: importing the `lm_eval_retrieval` package here would pin the installed copy in
+`sys.modules` before the current folder is on `sys.path`, hiding a source checkout from its own tests.
+
 It registers no model itself. It only waits for `lm_eval.api.registry` to be imported (which every `lm_eval` run
 does) and then adds the plugin's models as lazy "module:Class" targets, so `lm_eval --model retrieval-head-hf` works
 with no flag and without importing torch early. It also turns the plugin's `UserInputError` into one line on stderr

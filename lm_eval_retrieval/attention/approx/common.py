@@ -1,0 +1,77 @@
+"""Tensor helpers shared by the approximations and the approximation probe.
+
+Shapes: query (B, Hq, Q, D); key/value (B, Hkv, K, D); a visibility mask is bool (B, 1 or Hq, Q, K), True where the
+key may be attended (causal, padding and sliding window already applied). Query head h uses KV head h // (Hq/Hkv),
+the order of transformers' `repeat_kv`; K/V are never copied per query head.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def masked_logits(
+    query: torch.Tensor, key: torch.Tensor, visible: torch.Tensor | None, scaling: float, softcap: float | None = None
+) -> torch.Tensor:
+    """Pre-softmax scores (B, Hq, Q, K) in float32, -inf where a key is not visible (`visible=None`: no masking).
+
+    `softcap` is the attention logit soft-capping some models apply (Gemma2: softcap * tanh(s / softcap)); the hook
+    records it per call as `module._lmr_softcap`, see `module_softcap`.
+    """
+    batch, q_heads, q_len, dim = query.shape
+    kv_heads = key.shape[1]
+    grouped = (query.float() * scaling).reshape(batch, kv_heads, q_heads // kv_heads, q_len, dim)
+    logits = torch.einsum("bhgqd,bhkd->bhgqk", grouped, key.float()).reshape(batch, q_heads, q_len, -1)
+    if softcap:
+        logits = torch.tanh(logits / softcap).mul_(softcap)
+    return logits if visible is None else logits.masked_fill_(~visible, float("-inf"))
+
+
+def module_softcap(module: torch.nn.Module) -> float | None:
+    """The logit soft-capping of the attention call the module is in (None for most models)."""
+    return getattr(module, "_lmr_softcap", None)
+
+
+def weighted_values(weights: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """weights (B, Hq, Q, K) @ value (B, Hkv, K, D) per KV group -> (B, Hq, Q, D) in float32."""
+    batch, q_heads, q_len, k_len = weights.shape
+    kv_heads = value.shape[1]
+    grouped = weights.reshape(batch, kv_heads, q_heads // kv_heads, q_len, k_len)
+    return torch.einsum("bhgqk,bhkd->bhgqd", grouped, value.float()).reshape(batch, q_heads, q_len, -1)
+
+
+def attend_over_ids(logits: torch.Tensor, ids: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """Softmax restricted to the keys `ids` (B, Hq, Q, k) of `logits`, applied to their values -> (B, Hq, Q, D).
+
+    Ids that point at invisible keys carry -inf and get no weight; a query whose ids are all invisible gets 0.
+    """
+    return weighted_ids(torch.softmax(logits.gather(-1, ids), dim=-1).nan_to_num(0.0), ids, value)
+
+
+def weighted_ids(weights: torch.Tensor, ids: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """Sum of the values at `ids` (B, Hq, Q, k) with `weights` of the same shape -> (B, Hq, Q, D)."""
+    batch, q_heads, q_len, k = ids.shape
+    kv_heads, dim = value.shape[1], value.shape[-1]
+    flat_ids = ids.reshape(batch, kv_heads, -1, 1).expand(-1, -1, -1, dim)
+    picked = value.float().gather(2, flat_ids).reshape(batch, q_heads, q_len, k, dim)
+    return torch.einsum("bhqk,bhqkd->bhqd", weights, picked)
+
+
+def exact_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor,
+    scaling: float,
+    topk: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The exact attention in the approximation contract: (output, softmax scores, exact top-k ids).
+
+    Installed as `module._attn`, so the seed's `module._approx_attn = MethodType(module._attn, module)` makes the
+    "approximation" exact: recall 1 and error norm 0.
+    """
+    logits = masked_logits(query, key, attention_mask, scaling, module_softcap(module))
+    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+    k = min(topk or 1, logits.shape[-1])
+    return weighted_values(probs, value), probs, logits.topk(k, dim=-1).indices

@@ -1,0 +1,96 @@
+"""What both plugin models share: alias resolution, model-arg checking, the attention hook, where results go."""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+import sys
+from typing import Any
+
+import torch
+from lm_eval.models.huggingface import HFLM
+
+from ..attention.hook import check_base_attn, install_hook
+from ..errors import UserInputError
+from .aliases import resolve_model
+
+# `from_pretrained` arguments that HFLM forwards through **kwargs and that make sense here.
+FROM_PRETRAINED_ARGS = {
+    "low_cpu_mem_usage", "device_map", "quantization_config", "cache_dir", "local_files_only", "token",
+    "torch_dtype", "use_safetensors", "rope_scaling", "offload_state_dict",
+}
+
+
+def output_dir_from_argv(argv: list[str] | None = None) -> str | None:
+    """The `--output_path` of the running `lm_eval` command: lm-eval does not hand it to the model."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--output_path", "-o")
+    known, _ = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    path = known.output_path
+    if path and path.endswith(".json"):
+        path = os.path.dirname(path) or "."
+    return path
+
+
+def as_bool(value: Any) -> bool:
+    """model_args arrive as strings, bools or ints depending on who parsed them."""
+    if isinstance(value, str):
+        if value.lower() in ("1", "true", "yes"):
+            return True
+        if value.lower() in ("0", "false", "no", ""):
+            return False
+        raise UserInputError(f"expected true or false, got {value!r}")
+    return bool(value)
+
+
+class HookedHFLM(HFLM):
+    """An HFLM whose attention runs through the plugin's hook; subclasses add the probes."""
+
+    OWN_ARGS: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        pretrained: str = "smollm2-135m",
+        base_attn: str = "sdpa",
+        output_path: str | None = None,
+        gguf_file: str | None = None,
+        device: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self._check_model_args(kwargs)
+        check_base_attn(base_attn)
+        resolved = resolve_model(str(pretrained), gguf_file)
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        super().__init__(
+            pretrained=resolved.pretrained,
+            gguf_file=resolved.gguf_file,
+            device=device,
+            attn_implementation=base_attn,
+            **kwargs,
+        )
+        self.model_name = resolved.name
+        self.pretrained_arg = str(pretrained)
+        self.base_attn = base_attn
+        self.output_dir = output_path or output_dir_from_argv() or "."
+        self.hook_state = install_hook(self.model, base_attn)
+
+    def _check_model_args(self, kwargs: dict[str, Any]) -> None:
+        known = set(inspect.signature(HFLM.__init__).parameters) | FROM_PRETRAINED_ARGS
+        unknown = sorted(k for k in kwargs if k not in known)
+        if "attn_implementation" in unknown:
+            raise UserInputError("use base_attn=sdpa|eager|flash_attention_2 instead of attn_implementation")
+        if unknown:
+            ours = ["pretrained", "base_attn", "output_path", *self.OWN_ARGS]
+            raise UserInputError(
+                f"unknown model_args key(s) {', '.join(map(repr, unknown))}; this model takes {', '.join(ours)} "
+                "plus lm-eval's hf arguments (dtype, batch_size, max_length, ...)"
+            )
+
+    def get_model_info(self) -> dict:
+        """Parameters and dtype, without HFLM's hub lookup of a commit hash (everything here is local)."""
+        return {
+            "model_num_parameters": sum(p.numel() for p in self.model.parameters()),
+            "model_dtype": str(self.model.dtype),
+        }

@@ -1,0 +1,172 @@
+"""`ret-approx-hf`: any lm-eval task, with every attention layer compared against a retrieval-based approximation.
+
+The model runs as lm-eval's `hf` does; the approximation probe sits in every attention call (prefill and decode) and
+adds up Recall@k, error norm and top-k attention mass per layer and head. After each request batch the reports are
+(re)written beside lm-eval's results: `recall_table.md`, `recall_stats.json` and the heatmaps.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import types
+from typing import Any, Callable
+
+import torch
+
+from ..attention.approx import resolve_approx
+from ..attention.probes import MASS_CURVE_K, ApproxProbe, nan_to_none
+from ..errors import UserInputError
+from .base import HookedHFLM, as_bool
+
+log = logging.getLogger(__name__)
+
+
+class RetApproxLM(HookedHFLM):
+    """HFLM whose attention layers are analysed against `approx` (default exact top-k) on every forward pass."""
+
+    OWN_ARGS = ("topk", "layerwise_topk_analysis", "approx", "min_visible_keys")
+
+    def __init__(
+        self,
+        topk: int = 10,
+        layerwise_topk_analysis: bool | str = True,
+        approx: str | Callable | None = "exact_topk",
+        min_visible_keys: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        try:
+            topk = int(topk)
+        except (TypeError, ValueError):
+            raise UserInputError(f"topk must be a positive integer, got {topk!r}")
+        if topk <= 0:
+            raise UserInputError(f"topk must be a positive integer, got {topk}")
+        approx_name, approx_fn = resolve_approx(approx)
+        super().__init__(**kwargs)
+        state = self.hook_state
+        self.topk = topk
+        self.layerwise = as_bool(layerwise_topk_analysis)
+        self.probe = ApproxProbe(
+            state.num_layers,
+            state.num_heads,
+            topk,
+            layerwise=self.layerwise,
+            min_visible_keys=None if min_visible_keys in (None, "") else int(min_visible_keys),
+            approx_name=approx_name,
+        )
+        self.set_approx(approx_fn, approx_name)
+        state.probes.append(self.probe)
+        self._pending_lengths: list[int] | None = None
+
+    # ----------------------------------------------------------------------------------------------------------
+
+    def attention_modules(self) -> list[torch.nn.Module]:
+        names = set(self.hook_state.module_names)
+        return [module for name, module in self.model.named_modules() if name in names]
+
+    def set_approx(self, function: Callable, name: str | None = None) -> None:
+        """Use `function` (the `_approx_attn` contract) as every layer's approximation."""
+        for module in self.attention_modules():
+            module._approx_attn = types.MethodType(function, module)
+        self.probe.approx_name = name or getattr(function, "__name__", "custom")
+
+    # ----------------------------------------------------------------------------------------------------------
+    # lm-eval entry points: run as HFLM does, then write the reports
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        result = super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+        self.write_reports()
+        return result
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+        result = super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
+        self.write_reports()
+        return result
+
+    def generate_until(self, requests, disable_tqdm: bool = False):
+        result = super().generate_until(requests, disable_tqdm=disable_tqdm)
+        self.write_reports()
+        return result
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
+        """HFLM right-pads loglikelihood batches without a mask; record the true lengths so padding is masked."""
+        import lm_eval.models.huggingface as hf
+
+        original = hf.pad_and_concat
+
+        def recording(max_length: int, tensors: list, padding_side: str = "right"):
+            self._pending_lengths = [t.shape[-1] for t in tensors] if padding_side == "right" else None
+            return original(max_length, tensors, padding_side=padding_side)
+
+        hf.pad_and_concat = recording
+        try:
+            return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+        finally:
+            hf.pad_and_concat = original
+            self._pending_lengths = None
+
+    def _detect_batch_size(self, *args: Any, **kwargs: Any) -> int:
+        """batch_size=auto probes memory with dummy batches: those must not enter the statistics."""
+        probes = list(self.hook_state.probes)
+        self.hook_state.probes[:] = []
+        try:
+            return super()._detect_batch_size(*args, **kwargs)
+        finally:
+            self.hook_state.probes[:] = probes
+
+    def _model_call(self, inps: torch.Tensor, attn_mask=None, labels=None) -> torch.Tensor:
+        lengths, self._pending_lengths = self._pending_lengths, None
+        if attn_mask is None and labels is None and lengths is not None and len(lengths) == inps.shape[0]:
+            positions = torch.arange(inps.shape[1], device=inps.device)
+            mask = (positions[None, :] < torch.tensor(lengths, device=inps.device)[:, None]).long()
+            with torch.no_grad():
+                return self.model(inps, attention_mask=mask).logits
+        return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # results
+
+    @property
+    def report_dir(self) -> str:
+        """Beside lm-eval's results JSON: `<output_path>/<sanitized model name>/`."""
+        from lm_eval.utils import sanitize_model_name
+
+        return os.path.join(self.output_dir, sanitize_model_name(self.pretrained_arg))
+
+    def recall_stats(self) -> dict[str, Any]:
+        stats = self.probe.stats
+        means = {name: stats.means(name) for name in stats.FIELDS}
+        layers = []
+        for layer, module_name in enumerate(self.hook_state.module_names):
+            entry = {"layer": layer, "module": module_name, "queries": [int(q) for q in stats.queries[layer]]}
+            entry.update({name: nan_to_none(means[name][layer]) for name in stats.FIELDS})
+            layers.append(entry)
+        return {
+            "model": self.model_name,
+            "approx": self.probe.approx_name,
+            "topk": self.topk,
+            "layerwise_topk_analysis": self.layerwise,
+            "min_visible_keys": self.probe.min_visible_keys,
+            "layers": layers,
+            "mass_curve": {"k": list(MASS_CURVE_K), "mass": nan_to_none(stats.curve())},
+        }
+
+    def write_reports(self) -> None:
+        if self.rank != 0:
+            return
+        from ..report.recall import write_recall_reports
+
+        stats = self.recall_stats()
+        counted = int(self.probe.stats.queries.sum())
+        if counted == 0:
+            log.warning(
+                "no query had at least %d visible keys (10*k with k=%d), so nothing was counted: lower topk or use "
+                "longer documents",
+                self.probe.min_visible_keys,
+                self.topk,
+            )
+        paths = write_recall_reports(stats, self.report_dir)
+        log.info("recall reports written: %s", ", ".join(str(p) for p in paths))
+
+    def get_model_info(self) -> dict:
+        return {**super().get_model_info(), "retrieval_approx": self.recall_stats()}

@@ -1,0 +1,43 @@
+"""Writing result files so that a crash, Ctrl-C or a parallel run never leaves half a file behind."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from ..errors import UserInputError
+
+
+def atomic_write(path: str | os.PathLike, data: str | bytes, what: str = "results") -> None:
+    """Write to a temp file in the same folder, fsync, then rename over `path` (creating parent folders).
+
+    Any OS failure becomes a one-line UserInputError naming the path; the previous file, if any, stays intact.
+    """
+    target = Path(path)
+    if target.is_dir():
+        raise UserInputError(f"cannot write {what} to {target}: it is a directory; give a file path")
+    tmp_name: str | None = None
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            mode = target.stat().st_mode & 0o777
+        except FileNotFoundError:
+            mode = 0o644
+        fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as tmp:
+            tmp.write(data.encode("utf-8") if isinstance(data, str) else data)
+            tmp.flush()
+            os.fsync(tmp.fileno())
+        os.chmod(tmp_name, mode)
+        os.replace(tmp_name, target)
+        tmp_name = None
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise UserInputError(f"cannot write {what} to {target}: {reason}; choose a writable output path") from None
+    finally:
+        if tmp_name is not None:
+            try:
+                os.unlink(tmp_name)
+            except OSError:
+                pass
