@@ -101,6 +101,29 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _mask_sweep(args: argparse.Namespace) -> int:
+    import json
+
+    from lm_eval.utils import simple_parse_args_string
+
+    from .mask_sweep import default_output_dir, parse_ks, run_mask_sweep
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    ks = parse_ks(args.ks)
+    metadata = json.loads(args.metadata) if args.metadata else None
+    if metadata is not None and not isinstance(metadata, dict):
+        raise UserInputError("--metadata must be a JSON object, e.g. '{\"context_lengths\":[500,1000]}'")
+    output = args.output_path or default_output_dir(args.head_scores)
+    _check_writable(output)
+    table = run_mask_sweep(
+        simple_parse_args_string(args.model_args), args.head_scores, ks, args.tasks.split(","), output,
+        metadata=metadata, seed=args.seed, mode=args.mask_mode, limit=args.limit,
+    )
+    print(table.drop(columns=["heads"]).to_markdown(index=False))
+    print(f"written under {output}: mask_sweep.csv, mask_sweep.png, one NIAH heatmap per run")
+    return 0
+
+
 def _heads(args: argparse.Namespace) -> int:
     from .report.heads import compare_head_scores, format_comparison, format_ranking, load_head_scores
 
@@ -151,6 +174,20 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("run_a", help="a run folder (with recall_stats.json) or the JSON file")
     compare.add_argument("run_b")
     compare.add_argument("--output_dir", default="comparison", help="where comparison.md and the delta heatmap go")
+    sweep = sub.add_parser("mask-sweep", help="NIAH accuracy with the top-K vs K random heads masked, for each K")
+    sweep.add_argument("--model_args", default="pretrained=smollm2-135m")
+    sweep.add_argument("--head_scores", required=True, help="head_score/<model>.json of this model")
+    sweep.add_argument("--ks", default="0,5,10,20,30", help="comma-separated K values")
+    sweep.add_argument("--tasks", default="niah_retrieval_heads_en")
+    sweep.add_argument("--metadata", default=None, help="the NIAH grid, as for lm_eval")
+    sweep.add_argument("--seed", type=int, default=0, help="seed of the random heads")
+    sweep.add_argument("--mask_mode", default="uniform", choices=["uniform", "zero"])
+    sweep.add_argument("--limit", type=float, default=None)
+    sweep.add_argument("--output_path", default=None, help="default results/mask-sweep-<model>")
+    plot = sub.add_parser("plot", help="NIAH heatmaps (from --log_samples output) and head-score heatmaps")
+    from .report.niah_plot import add_plot_arguments
+
+    add_plot_arguments(plot)
     sub.add_parser("tasks-dir", help="print the folder of the bundled tasks (for lm_eval --include_path)")
     return parser
 
@@ -172,6 +209,12 @@ def main(argv: list[str] | None = None) -> int:
             return _approx(namespace, rest)
         if command == "compare":
             return _compare(namespace)
+        if command == "mask-sweep":
+            return _mask_sweep(namespace)
+        if command == "plot":
+            from .report.niah_plot import run_plot
+
+            return run_plot(namespace)
         if command == "tasks-dir":
             print(tasks_dir())
             return 0

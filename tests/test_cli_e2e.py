@@ -195,3 +195,33 @@ def test_readme_subclass_example_through_run_import(tiny_model_dir: str, tmp_pat
     stats = json.loads(next((tmp_path / "out").glob("*/recall_stats.json")).read_text())
     assert stats["approx"] == "most_recent_keys"
     assert 0 < np.nanmean([r for layer in stats["layers"] for r in layer["recall"]]) < 1
+
+
+def test_mask_sweep_runs_top_and_random_k(detection_run: Path, tmp_path: Path) -> None:
+    scores = detection_run / "head_score" / "smollm2-135m.json"
+    result = _run(
+        str(BIN / "lm-eval-retrieval"), "mask-sweep", "--model_args", "pretrained=smollm2-135m",
+        "--head_scores", str(scores), "--ks", "0,5", "--metadata", '{"context_lengths":[300],"depths":[0,100]}',
+        "--output_path", str(tmp_path),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    import pandas as pd
+
+    table = pd.read_csv(tmp_path / "mask_sweep.csv")
+    assert list(zip(table["kind"], table["k"])) == [("none", 0), ("top", 5), ("random", 5)]
+    from lm_eval_retrieval.report.heads import load_head_scores, rank_heads
+
+    top5 = set(table.loc[table["kind"] == "top", "heads"].iloc[0].split(";"))
+    assert top5 == {f"{layer}-{head}" for layer, head, _ in rank_heads(load_head_scores(scores))[:5]}
+    random5 = set(table.loc[table["kind"] == "random", "heads"].iloc[0].split(";"))
+    assert len(random5) == 5 and not random5 & top5
+    for kind, k in (("none", 0), ("top", 5), ("random", 5)):
+        assert (tmp_path / f"niah_niah_retrieval_heads_en_{kind}_{k}.png").stat().st_size > 5000
+    assert (tmp_path / "mask_sweep.png").stat().st_size > 5000
+
+
+def test_plot_command_draws_niah_and_head_heatmaps(detection_run: Path, tmp_path: Path) -> None:
+    result = _run(str(BIN / "lm-eval-retrieval"), "plot", str(detection_run), "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-2000:]
+    pngs = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert any(name.startswith("niah_heatmap") for name in pngs) and any(name.startswith("head_scores") for name in pngs)

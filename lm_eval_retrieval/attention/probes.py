@@ -256,3 +256,35 @@ def _first_occurrence(ids: torch.Tensor) -> torch.Tensor:
 def nan_to_none(values: torch.Tensor) -> list:
     """Tensor -> nested lists with NaN as None, for JSON."""
     return [nan_to_none(v) for v in values] if values.dim() else (None if math.isnan(float(values)) else float(values))
+
+
+class HeadMask:
+    """Switches heads off on every forward pass, prefill and decode alike, with any base backend.
+
+    `uniform` zeroes the head's query, so all its logits are 0 and its attention is uniform over the visible keys
+    (the original's method); `zero` zeroes the head's output. Layers with no masked head return at once.
+    """
+
+    MODES = ("uniform", "zero")
+
+    def __init__(self, heads: dict[int, list[int]], mode: str = "uniform") -> None:
+        if mode not in self.MODES:
+            raise UserInputError(f"unknown mask_mode={mode!r}; use uniform or zero")
+        self.mode = mode
+        self.heads = {layer: torch.tensor(sorted(set(h)), dtype=torch.long) for layer, h in heads.items() if h}
+
+    def before(self, call: AttentionCall) -> torch.Tensor | None:
+        heads = self.heads.get(call.layer)
+        if heads is None or self.mode != "uniform":
+            return None
+        query = call.query.clone()
+        query[:, heads.to(query.device)] = 0
+        return query
+
+    def after(self, call: AttentionCall, output: torch.Tensor) -> torch.Tensor | None:
+        heads = self.heads.get(call.layer)
+        if heads is None or self.mode != "zero":
+            return None
+        output = output.clone()  # (B, Q, Hq, D)
+        output[:, :, heads.to(output.device)] = 0
+        return output

@@ -35,7 +35,7 @@ TASK_KEYS = {
     "haystack_language": "language of the haystack",
     "answer_language": "language the model answers in",
     "chat_template": "wrap the prompt in the tokenizer's chat template (default true)",
-    "seed": "seed for needle order",
+    "needle_seed": "seed for needle order",
     "tokenizer": "tokenizer to size documents with (defaults to pretrained)",
 }
 
@@ -118,7 +118,7 @@ def parse_grid(metadata: dict[str, Any], argv_metadata: dict[str, Any] | None) -
         haystack_path=metadata.get("haystack_path"),
         language=str(metadata.get("language", "en")),
         chat_template=_as_bool(metadata.get("chat_template", True)),
-        seed=int(metadata.get("seed", 0)),
+        seed=int(metadata.get("needle_seed", 0)),
         explicit_lengths=explicit,
     )
     spec.haystack_language = str(metadata.get("haystack_language") or spec.language)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import os
+import re
 import sys
 from typing import Any
 
@@ -12,8 +13,13 @@ import torch
 from lm_eval.models.huggingface import HFLM
 
 from ..attention.hook import check_base_attn, install_hook
+from ..attention.probes import HeadMask
 from ..errors import UserInputError
 from .aliases import resolve_model
+from .masking import by_layer, select_heads
+
+MASK_ARGS = ("mask_heads", "mask_topk", "mask_random", "head_scores", "seed", "mask_mode")
+HEAD_KEY = re.compile(r"^\d+-\d+$")
 
 # `from_pretrained` arguments that HFLM forwards through **kwargs and that make sense here.
 FROM_PRETRAINED_ARGS = {
@@ -58,7 +64,10 @@ class HookedHFLM(HFLM):
         device: str | None = None,
         **kwargs: Any,
     ) -> None:
+        mask_args = self._take_mask_args(kwargs)
         self._check_model_args(kwargs)
+        if mask_args.get("mask_mode", "uniform") not in HeadMask.MODES:
+            raise UserInputError(f"unknown mask_mode={mask_args['mask_mode']!r}; use uniform or zero")
         check_base_attn(base_attn)
         resolved = resolve_model(str(pretrained), gguf_file)
         if device is None:
@@ -75,6 +84,32 @@ class HookedHFLM(HFLM):
         self.base_attn = base_attn
         self.output_dir = output_path or output_dir_from_argv() or "."
         self.hook_state = install_hook(self.model, base_attn)
+        shape = (self.hook_state.num_layers, self.hook_state.num_heads)
+        mode = mask_args.pop("mask_mode", "uniform")
+        self.masked_heads: list[tuple[int, int]] = []
+        self.set_head_mask(select_heads(shape, **mask_args), mode)
+
+    @staticmethod
+    def _take_mask_args(kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Pull the masking args out of kwargs; `mask_heads=16-19,11-15` arrives split at the comma by lm-eval."""
+        taken = {name: kwargs.pop(name) for name in MASK_ARGS if name in kwargs}
+        extra = [key for key, value in list(kwargs.items()) if HEAD_KEY.match(str(key)) and value in ("", None)]
+        if extra:
+            if "mask_heads" not in taken:
+                raise UserInputError(f"model_args key(s) {', '.join(extra)} look like heads: write mask_heads={','.join(extra)}")
+            taken["mask_heads"] = ",".join([str(taken["mask_heads"]), *extra])
+            for key in extra:
+                kwargs.pop(key)
+        return taken
+
+    def set_head_mask(self, heads: list[tuple[int, int]], mode: str = "uniform") -> None:
+        """Mask `heads` (layer, head) from now on, replacing any earlier mask; [] unmasks every head."""
+        probes = self.hook_state.probes
+        probes[:] = [p for p in probes if not isinstance(p, HeadMask)]
+        if heads:
+            probes.insert(0, HeadMask(by_layer(heads), mode))
+        self.masked_heads = sorted(heads)
+        self.mask_mode = mode
 
     def _check_model_args(self, kwargs: dict[str, Any]) -> None:
         known = set(inspect.signature(HFLM.__init__).parameters) | FROM_PRETRAINED_ARGS
@@ -82,7 +117,7 @@ class HookedHFLM(HFLM):
         if "attn_implementation" in unknown:
             raise UserInputError("use base_attn=sdpa|eager|flash_attention_2 instead of attn_implementation")
         if unknown:
-            ours = ["pretrained", "base_attn", "output_path", *self.OWN_ARGS]
+            ours = ["pretrained", "base_attn", "output_path", *self.OWN_ARGS, *MASK_ARGS]
             raise UserInputError(
                 f"unknown model_args key(s) {', '.join(map(repr, unknown))}; this model takes {', '.join(ours)} "
                 "plus lm-eval's hf arguments (dtype, batch_size, max_length, ...)"
@@ -90,7 +125,10 @@ class HookedHFLM(HFLM):
 
     def get_model_info(self) -> dict:
         """Parameters and dtype, without HFLM's hub lookup of a commit hash (everything here is local)."""
-        return {
+        info = {
             "model_num_parameters": sum(p.numel() for p in self.model.parameters()),
             "model_dtype": str(self.model.dtype),
         }
+        if self.masked_heads:
+            info["masked_heads"] = {"mode": self.mask_mode, "heads": [f"{l}-{h}" for l, h in self.masked_heads]}
+        return info

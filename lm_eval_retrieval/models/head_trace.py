@@ -46,6 +46,10 @@ class RetrievalHeadLM(HookedHFLM):
         super().__init__(**kwargs)
         self.max_new_tokens = int(max_new_tokens)
         self.top_heads = int(top_heads)
+        self.reset_scores()
+
+    def reset_scores(self) -> None:
+        """Start a new accumulation (the masking sweep runs several evaluations on one loaded model)."""
         self.head_scores: dict[str, list[float]] = {
             f"{layer}-{head}": []
             for layer in range(self.hook_state.num_layers)
