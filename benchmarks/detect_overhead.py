@@ -79,7 +79,7 @@ def _answer_steps(lm, doc) -> int:
         lm.tokenizer(doc["input"], return_offsets_mapping=True, add_special_tokens=False)["offset_mapping"],
         doc["answer_char_start"], doc["answer_char_end"],
     )
-    generated, _ = lm._decode_with_probe(encoded, span, lm.max_new_tokens, ["\n"])
+    generated = lm._decode_with_probe(encoded, lm._tracker(encoded, span, doc), lm.max_new_tokens, ["\n"])
     return len(generated)
 
 

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from .errors import UserInputError
+from .run_config import check_run_config
 
 
 def tasks_dir() -> str:
@@ -38,6 +39,13 @@ def _import_user_module(module_name: str) -> None:
         raise UserInputError(f"--import {module_name}: {error}; give a module importable from this folder")
 
 
+def _value_of(args: list[str], flag: str) -> str:
+    position = args.index(flag)
+    if position + 1 >= len(args) or args[position + 1].startswith("--"):
+        raise UserInputError(f"{flag} needs a value")
+    return args[position + 1]
+
+
 def _run(lm_eval_args: list[str]) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -49,12 +57,20 @@ def _run(lm_eval_args: list[str]) -> int:
         module_name = args.pop(position + 1)
         args.pop(position)
         _import_user_module(module_name)
-    if "--include_path" not in args:
+    if args and args[0].endswith((".yaml", ".yml")) and not args[0].startswith("-"):
+        args = ["--config", *args]  # `lm-eval-retrieval run configs/smollm2-135m.yaml [overrides]`
+    config: dict = {}
+    for flag in ("--config", "-C"):
+        if flag in args:
+            config = check_run_config(_value_of(args, flag))
+    if "--include_path" not in args and "include_path" not in config:
         args += ["--include_path", tasks_dir()]
-    if "--model" not in args:
+    if "--model" not in args and "model" not in config:
         args += ["--model", "retrieval-head-hf"]
+    if "--output_path" not in args and config.get("output_path"):
+        _check_writable(str(config["output_path"]))
     if "--output_path" in args:
-        _check_writable(args[args.index("--output_path") + 1])
+        _check_writable(_value_of(args, "--output_path"))
     from lm_eval.__main__ import cli_evaluate
 
     sys.argv = ["lm_eval", "run", *args]
@@ -147,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser(
         "run",
         help="lm_eval run with the bundled tasks (default --model retrieval-head-hf)",
-        description="Every argument is passed to `lm_eval run`; the bundled tasks need no --include_path.",
+        description="Every argument is passed to `lm_eval run`; the bundled tasks need no --include_path. A first "
+        "argument ending in .yaml is a run config (lm_eval --config), e.g. configs/smollm2-135m.yaml.",
     )
     run.add_argument("lm_eval_args", nargs=argparse.REMAINDER)
     heads = sub.add_parser("heads", help="rank the heads of a head-score file, or compare two")

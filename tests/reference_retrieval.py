@@ -39,3 +39,34 @@ def reference_retrieval_scores(model, prompt_ids: list[int], span: tuple[int, in
     width = span[1] - span[0]
     scores = [[len(copied.get((layer, head), ())) / width for head in range(num_heads)] for layer in range(num_layers)]
     return scores, generated
+
+
+@torch.no_grad()
+def reference_translation_scores(model, prompt_ids: list[int], span: tuple[int, int], gold_ids: list[int], steps: int):
+    """Translation heads, from the definition: a step is a hit for a head when its arg-max key is in the needle's
+    answer span and the generated token is one of the gold (translated) answer's tokens; each gold position is credited
+    at most once per head, left to right. Score = |credited gold positions| / |gold|."""
+    assert model.config._attn_implementation == "eager"
+    cache = DynamicCache(config=model.config)
+    model(torch.tensor([prompt_ids[:-1]]), past_key_values=cache, use_cache=True)
+    token = prompt_ids[-1]
+    credited: dict[tuple[int, int], set[int]] = {}
+    generated = []
+    for _ in range(steps):
+        out = model(torch.tensor([[token]]), past_key_values=cache, use_cache=True, output_attentions=True)
+        new_token = int(out.logits[0, -1].argmax())
+        total = len(prompt_ids) + len(generated)
+        for layer, attentions in enumerate(out.attentions):
+            for head in range(attentions.shape[1]):
+                position = total - attentions.shape[-1] + int(attentions[0, head, -1].argmax())
+                if not span[0] <= position < span[1]:
+                    continue
+                done = credited.setdefault((layer, head), set())
+                free = [i for i, gold in enumerate(gold_ids) if gold == new_token and i not in done]
+                if free:
+                    done.add(free[0])
+        generated.append(new_token)
+        token = new_token
+    num_layers, num_heads = len(out.attentions), out.attentions[0].shape[1]
+    scores = [[len(credited.get((layer, head), ())) / len(gold_ids) for head in range(num_heads)] for layer in range(num_layers)]
+    return scores, generated

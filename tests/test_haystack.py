@@ -263,10 +263,11 @@ def test_document_is_plain_json_with_the_promised_keys(tokenizer, sentences):
     doc = build_document(tokenizer, sentences, needle, 700, 25.0)
     assert json.loads(json.dumps(doc)) == doc
     assert set(doc) == {
-        "input", "answer", "needle", "question", "language", "haystack_language", "answer_language",
+        "input", "answer", "needle_answer", "needle", "question", "language", "haystack_language", "answer_language",
         "context_length", "length", "depth", "answer_char_start", "answer_char_end", "needle_char_start",
     }
     assert (doc["answer"], doc["needle"], doc["question"]) == (needle.answer, needle.needle, needle.question)
+    assert doc["needle_answer"] == doc["answer"]  # same language: the gold answer is the span itself
     assert doc["language"] == doc["haystack_language"] == doc["answer_language"] == "en"
     assert doc["context_length"] == 700 and doc["depth"] == 25.0 and isinstance(doc["depth"], float)
 

@@ -86,3 +86,16 @@ def test_tracker_counts_each_span_position_once() -> None:
     tracker.update(torch.tensor([[3, 3]]), 9)  # wrong token: no hit
     tracker.update(torch.tensor([[4, 4]]), 9)  # right token but outside the span: no hit
     assert tracker.scores().tolist() == [[pytest.approx(1 / 3), 0.0]]
+
+
+def test_translation_tracker_credits_gold_tokens_produced_while_attending_the_span() -> None:
+    from lm_eval_retrieval.metrics.retrieval_score import TranslationScoreTracker
+
+    prompt = torch.tensor([5, 6, 7, 8, 9])  # the English answer sits at positions 1..3
+    gold = [40, 41, 40]  # the translated answer: token 40 appears twice
+    tracker = TranslationScoreTracker(prompt, (1, 4), gold, num_layers=1, num_heads=3)
+    tracker.update(torch.tensor([[2, 0, 3]]), 40)  # heads 0 and 2 look into the span while 40 is generated
+    tracker.update(torch.tensor([[2, 2, 4]]), 40)  # head 0: the second 40; head 1: its first; head 2 outside span
+    tracker.update(torch.tensor([[1, 1, 1]]), 99)  # not a gold token: nothing
+    tracker.update(torch.tensor([[3, 0, 2]]), 41)  # heads 0 and 2
+    assert tracker.scores().tolist() == [[1.0, pytest.approx(1 / 3), pytest.approx(2 / 3)]]

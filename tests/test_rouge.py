@@ -84,15 +84,34 @@ def test_scorer_is_built_once() -> None:
 
 def test_language_code_is_case_insensitive() -> None:
     assert rouge1_recall("the cat sat", "the cat sat on the mat", language="EN") == pytest.approx(50.0)
-    assert known_languages() == ["en"]
+    assert rouge1_recall("die Katze", "die Katze saß", language="DE") == pytest.approx(200 / 3)
+    assert known_languages() == ["de", "en", "zh"]
 
 
-@pytest.mark.parametrize("language", ["de", "zh", "xx", ""])
+@pytest.mark.parametrize("language", ["fr", "xx", "", "en-US"])
 def test_unknown_language_is_user_error(language: str) -> None:
     with pytest.raises(UserInputError) as excinfo:
         rouge1_recall("a", "a", language=language)
     message = _assert_one_line_error(excinfo)
-    assert message == f"ROUGE for language {language!r} is not available yet; known: en"
+    assert message == f"ROUGE for language {language!r} is not available; known: de, en, zh"
+
+
+def test_german_keeps_umlauts_and_does_not_stem() -> None:
+    # rouge-score's default tokenizer would turn "Müller" into "m ller" and match "Muller" on "ller".
+    assert rouge1_recall("Muller", "Müller", language="de") == 0.0
+    assert rouge1_recall("MÜLLER!", "Müller", language="de") == pytest.approx(100.0)
+    # No stemming: "Gärten" is not "Garten".
+    assert rouge1_recall("Gärten", "Garten", language="de") == 0.0
+
+
+def test_chinese_uses_word_segmentation() -> None:
+    # jieba: 一罐 / 薄荷 / 茶里; the prediction has all three words (its punctuation is dropped).
+    assert rouge1_recall("藏在了一罐薄荷茶里。", "一罐薄荷茶里", language="zh") == pytest.approx(100.0)
+    assert rouge1_recall("", "一罐薄荷茶里", language="zh") == 0.0
+    for reference in ["", "。！"]:
+        with pytest.raises(UserInputError) as excinfo:
+            rouge1_recall("北京", reference, language="zh")
+        _assert_one_line_error(excinfo, "no words")
 
 
 def test_reference_without_english_words_is_user_error() -> None:

@@ -46,3 +46,35 @@ def test_a_wrong_answer_adds_nothing(smollm2_lm, english_sentences) -> None:
     assert lm.documents_run == ran + 1
     assert lm.documents_counted == counted
     assert lm.head_scores == before
+
+
+def test_translation_heads_equal_eager_reference(smollm2_lm, english_sentences) -> None:
+    """The translation tracker on a real English-in-English document told to answer in German, against the eager
+    reference. The gold answer is swapped for the English needle answer so that the greedy response (which SmolLM2
+    gives in English) produces gold tokens while heads attend into the span: a test whose scores can be non-zero."""
+    from lm_eval_retrieval.metrics.retrieval_score import TranslationScoreTracker
+    from reference_retrieval import reference_translation_scores
+
+    lm = smollm2_lm
+    doc = build_document(lm.tokenizer, english_sentences, get_needles("en")[0], 600, 50.0, answer_language="de")
+    assert doc["answer_language"] == "de" and doc["answer"] != doc["needle_answer"]
+    doc = dict(doc, answer=" " + doc["needle_answer"])  # the leading space: the token the model emits after "Answer:"
+    encoded = lm.tokenizer(doc["input"], return_offsets_mapping=True, add_special_tokens=False)
+    prompt_ids = torch.tensor(encoded["input_ids"])
+    span = answer_token_span(encoded["offset_mapping"], doc["answer_char_start"], doc["answer_char_end"])
+    tracker = lm._tracker(prompt_ids, span, doc)
+    assert isinstance(tracker, TranslationScoreTracker)
+    steps = 40  # SmolLM2 restates the question before the answer
+    generated = lm._decode_with_probe(prompt_ids, tracker, steps, [])
+    got = tracker.scores().flatten()
+
+    implementation = lm.model.config._attn_implementation
+    lm.model.set_attn_implementation("eager")
+    try:
+        gold = lm.tokenizer(doc["answer"], add_special_tokens=False)["input_ids"]
+        expected, tokens = reference_translation_scores(lm.model, encoded["input_ids"], span, gold, len(generated))
+    finally:
+        lm.model.set_attn_implementation(implementation)
+    assert tokens == generated
+    torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float64).flatten(), atol=1e-12, rtol=0)
+    assert got.max() > 0.5, f"SmolLM2 copies the needle answer here: {lm.tokenizer.decode(generated)!r}"

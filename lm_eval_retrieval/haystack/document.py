@@ -5,6 +5,12 @@ tokenizer of the model under test: the final prompt (chat template included) is 
 than one haystack sentence, and the needle sits at a sentence boundary at the asked fraction of the haystack's
 tokens. Sentence token costs are computed once per (tokenizer, sentence list) and cached, so building many documents
 tokenises each full prompt only about twice.
+
+Languages: the needle and the question are in `needle.language`, which also picks the prompt template; the haystack
+sentences are in `haystack_language` (Chinese sentences are joined without spaces, a sentence of another language
+is set off by a space); `answer_language` is what the model is told to answer in. When it differs from the
+needle's, the template asks for that language and the document's `answer` is the gold answer in it, while
+`needle_answer` (and `answer_char_start/end`) stay the span the model reads in the needle.
 """
 
 from __future__ import annotations
@@ -18,14 +24,36 @@ from collections.abc import Sequence
 from typing import Any
 
 from lm_eval_retrieval.errors import UserInputError
+from lm_eval_retrieval.haystack.languages import LANGUAGE_NAMES, SEPARATORS, check_language, joiner
 from lm_eval_retrieval.haystack.needles import Needle
 
-# The prompt of the original retrieval-head detector, per language; `{context}` and `{question}` are filled in.
+# The prompt of the original retrieval-head detector, per language (the needle's and question's language);
+# `{context}` and `{question}` are filled in.
 TEMPLATES: dict[str, str] = {
     "en": "{context}\n\nBased on the content of the document, answer the question.\nQuestion: {question}\nAnswer:",
+    "zh": "{context}\n\n请根据文档内容回答问题。\n问题：{question}\n答案：",
+    "de": "{context}\n\nBeantworte die Frage anhand des Dokuments.\nFrage: {question}\nAntwort:",
 }
-# What joins two sentences of the haystack (Chinese will join with "").
-SEPARATORS: dict[str, str] = {"en": " "}
+# The same prompts asking for an answer in another language; `{answer_language}` is that language's name as the
+# prompt's language writes it ("German", "德语", "Englisch"). A user's own template may use it too.
+CROSS_LINGUAL_TEMPLATES: dict[str, str] = {
+    "en": (
+        "{context}\n\nBased on the content of the document, answer the question in {answer_language}.\n"
+        "Question: {question}\nAnswer:"
+    ),
+    "zh": "{context}\n\n请根据文档内容，用{answer_language}回答问题。\n问题：{question}\n答案：",
+    "de": "{context}\n\nBeantworte die Frage anhand des Dokuments auf {answer_language}.\nFrage: {question}\nAntwort:",
+}
+
+
+def prompt_template(language: str, answer_language: str | None = None) -> str:
+    """The built-in template for a question in `language`, asking for `answer_language` when that differs."""
+    if language not in TEMPLATES:
+        raise UserInputError(f"no prompt template for language {language!r}; use one of: {', '.join(TEMPLATES)}")
+    if answer_language is None or answer_language == language:
+        return TEMPLATES[language]
+    answer_language = check_language(answer_language, "answer language")
+    return CROSS_LINGUAL_TEMPLATES[language].replace("{answer_language}", LANGUAGE_NAMES[language][answer_language])
 
 _MARKER = "\ue000HAYSTACK-CONTEXT\ue000"  # stands for the context when the chat template is rendered once
 _MAX_MEASURES = 4  # full-prompt tokenisations before settling for the best prompt that fits
@@ -42,18 +70,32 @@ def build_document(
     chat_template: bool = True,
     template: str | None = None,
     start: int = 0,
+    haystack_language: str | None = None,
+    answer_language: str | None = None,
 ) -> dict[str, Any]:
     """A prompt of `context_length` tokens with `needle` inserted at `depth_percent` of the haystack's tokens.
 
-    `sentences` (whole sentences, e.g. from `split_sentences`) are used in order from index `start`, cycling when
-    they run out. Returns plain JSON-serialisable values; `input[answer_char_start:answer_char_end] == answer`.
+    `sentences` (whole sentences in `haystack_language`, e.g. from `split_sentences`) are used in order from index
+    `start`, cycling when they run out. `haystack_language` and `answer_language` default to `needle.language`.
+    Returns plain JSON-serialisable values: `answer` is the gold answer in the answer language (what ROUGE grades),
+    `needle_answer` the span inside the needle, and `input[answer_char_start:answer_char_end] == needle_answer`.
     """
     length_limit, depth = _check_args(sentences, needle, context_length, depth_percent)
     if isinstance(start, bool) or not isinstance(start, int):
         raise UserInputError(f"start must be a sentence index (an integer); got {start!r}")
     language = needle.language
-    separator = SEPARATORS[language]
-    head, tail = _prompt_frame(tokenizer, template or TEMPLATES[language], needle.question, chat_template)
+    haystack_language = check_language(
+        language if haystack_language is None else haystack_language, "haystack language"
+    )
+    answer_language = check_language(language if answer_language is None else answer_language, "answer language")
+    gold = needle.answer_in(answer_language)
+    separator = SEPARATORS[haystack_language]
+    needle_separator = joiner(haystack_language, language)
+    if template is None:
+        template = prompt_template(language, answer_language)
+    else:
+        template = template.replace("{answer_language}", LANGUAGE_NAMES[language][answer_language])
+    head, tail = _prompt_frame(tokenizer, template, needle.question, chat_template)
     costs = _sentence_costs(tokenizer, tuple(sentences), separator)
     walk = _Walk(costs, len(sentences), start)
 
@@ -72,7 +114,7 @@ def build_document(
     tried: set[int] = set()
     while n >= 1 and n not in tried:
         tried.add(n)
-        length = count(_assemble(head, tail, walk, n, depth, needle, separator)[0])
+        length = count(_assemble(head, tail, walk, n, depth, needle, separator, needle_separator)[0])
         if length <= length_limit and (best is None or length > best[0]):
             best = (length, n)
         error = length - base - walk.cum(n)  # how far the cached costs are off for this prompt
@@ -85,18 +127,19 @@ def build_document(
     if best is None:
         raise UserInputError(f"context_length={length_limit} is too small for this template and needle; raise it")
     length, n = best
-    prompt, needle_start = _assemble(head, tail, walk, n, depth, needle, separator)
+    prompt, needle_start = _assemble(head, tail, walk, n, depth, needle, separator, needle_separator)
     if chat_template and getattr(tokenizer, "chat_template", None):
-        _check_chat_render(tokenizer, template or TEMPLATES[language], needle.question, prompt, head, tail)
+        _check_chat_render(tokenizer, template, needle.question, prompt, head, tail)
     answer_start = needle_start + needle.needle.index(needle.answer)
     return {
         "input": prompt,
-        "answer": needle.answer,
+        "answer": gold,
+        "needle_answer": needle.answer,
         "needle": needle.needle,
         "question": needle.question,
         "language": language,
-        "haystack_language": language,
-        "answer_language": language,
+        "haystack_language": haystack_language,
+        "answer_language": answer_language,
         "context_length": length_limit,
         "length": length,
         "depth": depth,
@@ -151,16 +194,19 @@ def _prompt_frame(tokenizer: Any, template: str, question: str, chat_template: b
 
 
 def _assemble(
-    head: str, tail: str, walk: _Walk, n: int, depth: float, needle: Needle, separator: str
+    head: str, tail: str, walk: _Walk, n: int, depth: float, needle: Needle, separator: str, needle_separator: str
 ) -> tuple[str, int]:
-    """The prompt with `n` haystack sentences and the needle at the boundary nearest `depth` % of their tokens."""
+    """The prompt with `n` haystack sentences and the needle at the boundary nearest `depth` % of their tokens.
+
+    `separator` joins haystack sentences, `needle_separator` sets the needle off from its neighbours.
+    """
     target = depth / 100.0 * walk.cum(n)
     above = min(n, walk.boundary(target))  # first boundary at or past the target; the one before is below it
     k = min((max(0, above - 1), above), key=lambda b: abs(walk.cum(b) - target))
     before = separator.join(walk.sentence(i) for i in range(k))
     after = separator.join(walk.sentence(i) for i in range(k, n))
-    lead = before + separator if k else ""
-    context = lead + needle.needle + (separator + after if k < n else "")
+    lead = before + needle_separator if k else ""
+    context = lead + needle.needle + (needle_separator + after if k < n else "")
     return head + context + tail, len(head) + len(lead)
 
 

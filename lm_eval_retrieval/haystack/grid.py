@@ -17,6 +17,7 @@ from functools import lru_cache
 from typing import Any
 
 from ..errors import UserInputError
+from ..run_config import load_run_config
 
 log = logging.getLogger(__name__)
 
@@ -57,17 +58,26 @@ class GridSpec:
 
 
 def metadata_from_argv(argv: list[str] | None = None) -> dict[str, Any] | None:
-    """The `--metadata` JSON object of the running command line, if any."""
+    """The task metadata the user typed on the running command line: a `--config` file's `metadata:` mapping
+    overlaid by the `--metadata` JSON object (lm-eval's own precedence), or None when neither gives one."""
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--metadata")
+    parser.add_argument("--config", "-C")
     known, _ = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
-    if not known.metadata:
-        return None
-    try:
-        value = json.loads(known.metadata)
-    except json.JSONDecodeError as error:
-        raise UserInputError(f"--metadata is not valid JSON ({error.msg}); pass a JSON object like '{{\"depths\":[0,50]}}'")
-    return value if isinstance(value, dict) else None
+    typed: dict[str, Any] | None = None
+    if known.config:
+        from_file = load_run_config(known.config).get("metadata")
+        typed = dict(from_file) if isinstance(from_file, dict) else None
+    if known.metadata:
+        try:
+            value = json.loads(known.metadata)
+        except json.JSONDecodeError as error:
+            raise UserInputError(
+                f"--metadata is not valid JSON ({error.msg}); pass a JSON object like '{{\"depths\":[0,50]}}'"
+            )
+        if isinstance(value, dict):
+            typed = {**(typed or {}), **value}
+    return typed
 
 
 def check_metadata_keys(keys: set[str], allowed: dict[str, str] = TASK_KEYS) -> None:

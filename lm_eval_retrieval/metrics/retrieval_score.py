@@ -34,3 +34,34 @@ class RetrievalScoreTracker:
     def scores(self) -> torch.Tensor:
         """(layers, heads) retrieval scores of this document, in [0, 1]."""
         return self.hits.sum(dim=-1).double() / (self.end - self.start)
+
+
+class TranslationScoreTracker(RetrievalScoreTracker):
+    """"Translation heads": the needle is in one language and the model answers in another.
+
+    A step is a hit for a head when its top-1 key lies in the needle-answer span of the prompt while the generated
+    token belongs to the gold answer in the answer language; each gold-answer token counts once, so the score is
+    |gold tokens produced while attending into the span| / |gold tokens|.
+    """
+
+    def __init__(
+        self, prompt_ids: torch.Tensor, span: tuple[int, int], gold_ids: list[int], num_layers: int, num_heads: int
+    ) -> None:
+        super().__init__(prompt_ids, span, num_layers, num_heads)
+        if not gold_ids:
+            raise ValueError("the gold answer has no tokens")
+        self.gold_ids = torch.tensor(gold_ids, device=prompt_ids.device)
+        self.hits = torch.zeros(num_layers, num_heads, len(gold_ids), dtype=torch.bool, device=prompt_ids.device)
+
+    def update(self, top1_positions: torch.Tensor, generated_token: int | torch.Tensor) -> None:
+        in_span = (top1_positions >= self.start) & (top1_positions < self.end)
+        candidates = (self.gold_ids == generated_token).nonzero(as_tuple=True)[0]
+        if not in_span.any() or candidates.numel() == 0:
+            return
+        for position in candidates.tolist():  # the first gold position of this token not yet credited, per head
+            fresh = in_span & ~self.hits[..., position]
+            self.hits[..., position] |= fresh
+            in_span = in_span & ~fresh
+
+    def scores(self) -> torch.Tensor:
+        return self.hits.sum(dim=-1).double() / self.hits.shape[-1]

@@ -6,8 +6,15 @@ comparable with the original tool's files, English uses exactly its scorer: ``ro
 the Porter stemmer on, called as ``scorer.score(reference, prediction)['rouge1'].recall * 100``.
 
 Languages differ in tokenisation (rouge-score's default tokenizer drops every non-ASCII letter, so a Chinese
-answer would silently score 0), so each language has its own scorer function in ``_SCORERS``; German and Chinese
-(rouge-chinese + jieba) are added there.
+answer would silently score 0 and "Müller" would become "m ller"), so each language has its own scorer in
+``_SCORERS``:
+
+- en: rouge-score, Porter stemmer on (the original detector's scorer, unchanged);
+- de: rouge-score with a Unicode-aware tokenizer: lower-cased, split at non-word characters, umlauts and ß kept,
+  no stemming (the Porter stemmer is English);
+- zh: rouge-chinese over jieba word segmentation (``' '.join(jieba.cut(text))``), punctuation tokens dropped.
+
+All report ROUGE-1 recall x 100.
 """
 
 from __future__ import annotations
@@ -18,7 +25,9 @@ from typing import Any, Callable
 
 from lm_eval_retrieval.errors import UserInputError
 
-__all__ = ["rouge1_recall", "needle_found", "known_languages", "ENGLISH_USE_STEMMER"]
+__all__ = [
+    "rouge1_recall", "needle_found", "known_languages", "chinese_tokens", "UnicodeWordTokenizer", "ENGLISH_USE_STEMMER"
+]
 
 #: The original detector (nightdessert/Retrieval_Head, ``retrieval_head_detection.py``) builds
 #: ``rouge_scorer.RougeScorer(['rouge1', 'rougeL'], use_stemmer=True)``; the stemmer changes recall for inflected
@@ -51,9 +60,74 @@ def _rouge1_recall_en(prediction: str, reference: str) -> float:
     return float(_get_english_scorer().score(reference, prediction)["rouge1"].recall * 100)
 
 
-#: language code -> ``fn(prediction, reference) -> recall in 0..100``. Add "de" and "zh" here.
+class UnicodeWordTokenizer:
+    """rouge-score tokenizer for languages written with spaces beyond ASCII: lower case, split at non-word chars.
+
+    ``\\W`` is Unicode-aware in Python, so "Müller", "Straße" and "Gießkanne" stay whole words; no stemming.
+    NFKC first, so full-width letters count as the ordinary ones.
+    """
+
+    _SPLIT = re.compile(r"[\W_]+")
+
+    def tokenize(self, text: str) -> list[str]:
+        return [token for token in self._SPLIT.split(unicodedata.normalize("NFKC", text).lower()) if token]
+
+
+_german_scorer: Any = None
+
+
+def _get_german_scorer() -> Any:
+    global _german_scorer
+    if _german_scorer is None:
+        from rouge_score import rouge_scorer
+
+        _german_scorer = rouge_scorer.RougeScorer(["rouge1"], use_stemmer=False, tokenizer=UnicodeWordTokenizer())
+    return _german_scorer
+
+
+def _rouge1_recall_de(prediction: str, reference: str) -> float:
+    """German ROUGE-1 recall in percent: rouge-score counting, Unicode words ("Müller" is not "Muller")."""
+    if not UnicodeWordTokenizer().tokenize(reference):
+        raise UserInputError(f"reference answer {_short(reference)} has no words for ROUGE; give the answer text")
+    return float(_get_german_scorer().score(reference, prediction)["rouge1"].recall * 100)
+
+
+def chinese_tokens(text: str) -> list[str]:
+    """jieba's segmentation of ``text`` without whitespace and punctuation tokens, Latin letters lower-cased."""
+    import jieba  # imported lazily: building its dictionary takes about a second
+
+    if not getattr(chinese_tokens, "_quiet", False):
+        import logging
+
+        jieba.setLogLevel(logging.WARNING)  # it prints "Building prefix dict..." on stderr otherwise
+        chinese_tokens._quiet = True  # type: ignore[attr-defined]
+    tokens = []
+    for token in jieba.cut(unicodedata.normalize("NFKC", text)):
+        token = token.strip().lower()
+        if token and not all(unicodedata.category(ch)[0] in "PSZ" for ch in token):
+            tokens.append(token)
+    return tokens
+
+
+def _rouge1_recall_zh(prediction: str, reference: str) -> float:
+    """Chinese ROUGE-1 recall in percent: rouge-chinese over jieba words."""
+    from rouge_chinese import Rouge
+
+    reference_tokens = chinese_tokens(reference)
+    if not reference_tokens:
+        raise UserInputError(f"reference answer {_short(reference)} has no words for ROUGE; give the answer text")
+    prediction_tokens = chinese_tokens(prediction)
+    if not prediction_tokens:
+        return 0.0  # rouge-chinese raises on an empty hypothesis; an empty answer retrieved nothing
+    scores = Rouge(metrics=["rouge-1"]).get_scores(" ".join(prediction_tokens), " ".join(reference_tokens))
+    return float(scores[0]["rouge-1"]["r"] * 100)
+
+
+#: language code -> ``fn(prediction, reference) -> recall in 0..100``.
 _SCORERS: dict[str, Callable[[str, str], float]] = {
     "en": _rouge1_recall_en,
+    "de": _rouge1_recall_de,
+    "zh": _rouge1_recall_zh,
 }
 
 
@@ -89,7 +163,7 @@ def rouge1_recall(prediction: str, reference: str, language: str = "en") -> floa
     scorer = _SCORERS.get(code)
     if scorer is None:
         raise UserInputError(
-            f"ROUGE for language {language!r} is not available yet; known: {', '.join(known_languages())}"
+            f"ROUGE for language {language!r} is not available; known: {', '.join(known_languages())}"
         )
     return scorer(prediction, reference)
 

@@ -18,7 +18,7 @@ from transformers import DynamicCache
 
 from ..attention.probes import RetrievalScoreProbe
 from ..errors import UserInputError
-from ..metrics.retrieval_score import RetrievalScoreTracker
+from ..metrics.retrieval_score import RetrievalScoreTracker, TranslationScoreTracker
 from ..metrics.rouge import rouge1_recall
 from ..report.heads import rank_heads, write_head_scores
 from .base import HookedHFLM
@@ -99,7 +99,8 @@ class RetrievalHeadLM(HookedHFLM):
                 f"max length {self.max_length}; use smaller context_lengths"
             )
         until = [u for u in (gen_kwargs or {}).get("until", []) if u]
-        generated, tracker = self._decode_with_probe(prompt_ids, span, max_new, until)
+        tracker = self._tracker(prompt_ids, span, doc)
+        generated = self._decode_with_probe(prompt_ids, tracker, max_new, until)
         response = self._response_text(generated, until)
         self.documents_run += 1
         if rouge1_recall(response, doc["answer"], doc.get("answer_language", doc.get("language", "en"))) > ROUGE_GATE:
@@ -111,12 +112,21 @@ class RetrievalHeadLM(HookedHFLM):
     def _head_keys(self) -> list[tuple[int, int]]:
         return [(layer, head) for layer in range(self.hook_state.num_layers) for head in range(self.hook_state.num_heads)]
 
+    def _tracker(self, prompt_ids: torch.Tensor, span: tuple[int, int], doc: dict) -> RetrievalScoreTracker:
+        """Copy heads when the answer is in the needle's language, translation heads when it is not."""
+        state = self.hook_state
+        language = doc.get("language", "en")
+        answer_language = doc.get("answer_language", language)
+        if answer_language == language:
+            return RetrievalScoreTracker(prompt_ids, span, state.num_layers, state.num_heads)
+        gold = self.tokenizer(doc["answer"], add_special_tokens=False)["input_ids"]
+        return TranslationScoreTracker(prompt_ids, span, gold, state.num_layers, state.num_heads)
+
     @torch.inference_mode()
     def _decode_with_probe(
-        self, prompt_ids: torch.Tensor, span: tuple[int, int], max_new: int, until: list[str]
-    ) -> tuple[list[int], RetrievalScoreTracker]:
+        self, prompt_ids: torch.Tensor, tracker: RetrievalScoreTracker, max_new: int, until: list[str]
+    ) -> list[int]:
         state = self.hook_state
-        tracker = RetrievalScoreTracker(prompt_ids, span, state.num_layers, state.num_heads)
         probe = RetrievalScoreProbe(state.num_layers, state.num_heads)
         cache = DynamicCache(config=self.model.config)
         # The prefill runs unprobed: scores are only needed for the queries that produce answer tokens.
@@ -139,7 +149,7 @@ class RetrievalHeadLM(HookedHFLM):
                 position += 1
         finally:
             state.probes.remove(probe)
-        return generated, tracker
+        return generated
 
     def _stop_token_ids(self) -> set[int]:
         ids = {self.tokenizer.eos_token_id}
