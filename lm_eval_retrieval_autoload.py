@@ -46,9 +46,25 @@ def _register_after_registry_import() -> None:
         print(f"lm-eval-retrieval: could not register its models: {error}", file=sys.stderr)
 
 
+def _unknown_task_line(message: str) -> str:
+    """lm-eval's "Tasks not found: x" as one line that lists the plugin's tasks and how to make lm-eval see them."""
+    import os
+
+    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lm_eval_retrieval", "tasks")
+    ours = sorted(name[:-5] for name in os.listdir(here) if name.endswith(".yaml")) if os.path.isdir(here) else []
+    missing = message.split(":", 1)[1].strip()
+    return (
+        f"unknown task(s) {missing}; the plugin's tasks are {', '.join(ours)}: lm_eval needs "
+        "--include_path $(lm-eval-retrieval tasks-dir), or run them with `lm-eval-retrieval run`"
+    )
+
+
 def _one_line_errors(exc_type, exc, tb):  # type: ignore[no-untyped-def]
     if getattr(exc_type, "__module__", "") == "lm_eval_retrieval.errors":
         print(f"error: {exc}", file=sys.stderr)
+        return
+    if issubclass(exc_type, ValueError) and str(exc).startswith("Tasks not found:"):
+        print(f"error: {_unknown_task_line(str(exc))}", file=sys.stderr)
         return
     _previous_hook(exc_type, exc, tb)
 

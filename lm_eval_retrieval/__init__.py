@@ -6,9 +6,13 @@ first attribute access.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import lm_eval_retrieval_autoload  # noqa: F401  (registration when lm-eval's registry is imported)
+
+# Our log lines (documents counted, resumed, reports written) go where lm-eval's own go, at lm-eval's verbosity.
+logging.getLogger("lm_eval_retrieval").parent = logging.getLogger("lm_eval")
 
 __version__ = "0.1.0"
 

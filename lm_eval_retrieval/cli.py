@@ -12,21 +12,13 @@ import sys
 from pathlib import Path
 
 from .errors import UserInputError
+from .report.files import check_writable
 from .run_config import check_run_config
 
 
 def tasks_dir() -> str:
     """Folder of the bundled task YAMLs, inside the installed package."""
     return str(Path(__file__).resolve().parent / "tasks")
-
-
-def _check_writable(path: str) -> None:
-    """Fail before the model loads, not after the run, when results could not be saved."""
-    folder = Path(path)
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    if not os.access(folder, os.W_OK):
-        raise UserInputError(f"cannot write results under {path!r}: {folder} is not writable; choose another --output_path")
 
 
 def _import_user_module(module_name: str) -> None:
@@ -68,9 +60,9 @@ def _run(lm_eval_args: list[str]) -> int:
     if "--model" not in args and "model" not in config:
         args += ["--model", "retrieval-head-hf"]
     if "--output_path" not in args and config.get("output_path"):
-        _check_writable(str(config["output_path"]))
+        check_writable(str(config["output_path"]))
     if "--output_path" in args:
-        _check_writable(_value_of(args, "--output_path"))
+        check_writable(_value_of(args, "--output_path"))
     from lm_eval.__main__ import cli_evaluate
 
     sys.argv = ["lm_eval", "run", *args]
@@ -130,10 +122,10 @@ def _mask_sweep(args: argparse.Namespace) -> int:
     if metadata is not None and not isinstance(metadata, dict):
         raise UserInputError("--metadata must be a JSON object, e.g. '{\"context_lengths\":[500,1000]}'")
     output = args.output_path or default_output_dir(args.head_scores)
-    _check_writable(output)
+    check_writable(output)
     table = run_mask_sweep(
         simple_parse_args_string(args.model_args), args.head_scores, ks, args.tasks.split(","), output,
-        metadata=metadata, seed=args.seed, mode=args.mask_mode, limit=args.limit,
+        metadata=metadata, seed=args.seed, mode=args.mask_mode, limit=args.limit, use_cache=args.use_cache,
     )
     print(table.drop(columns=["heads"]).to_markdown(index=False))
     print(f"written under {output}: mask_sweep.csv, mask_sweep.png, one NIAH heatmap per run")
@@ -200,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--seed", type=int, default=0, help="seed of the random heads")
     sweep.add_argument("--mask_mode", default="uniform", choices=["uniform", "zero"])
     sweep.add_argument("--limit", type=float, default=None)
+    sweep.add_argument("--use_cache", default=None, metavar="PATH",
+                       help="as lm_eval's: a rerun after an interruption skips every document already answered")
     sweep.add_argument("--output_path", default=None, help="default results/mask-sweep-<model>")
     plot = sub.add_parser("plot", help="NIAH heatmaps (from --log_samples output) and head-score heatmaps")
     from .report.niah_plot import add_plot_arguments

@@ -58,6 +58,7 @@ def run_mask_sweep(
     seed: int = 0,
     mode: str = "uniform",
     limit: float | None = None,
+    use_cache: str | None = None,
 ) -> pd.DataFrame:
     """Runs every (kind, K), writes `mask_sweep.csv`, `mask_sweep.png` and one NIAH heatmap per run; returns the table."""
     from lm_eval import simple_evaluate
@@ -80,7 +81,9 @@ def run_mask_sweep(
         lm.set_head_mask(heads, mode)
         lm.reset_scores()
         lm.output_dir = str(out / "runs" / f"{kind}-{k}")
-        result = simple_evaluate(model=lm, tasks=tasks, task_manager=task_manager, limit=limit, log_samples=True)
+        result = simple_evaluate(
+            model=lm, tasks=tasks, task_manager=task_manager, limit=limit, log_samples=True, use_cache=use_cache
+        )
         for task in tasks:
             metrics = result["results"][task]
             row = {"kind": kind, "k": k, "task": task}

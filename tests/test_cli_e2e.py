@@ -225,3 +225,106 @@ def test_plot_command_draws_niah_and_head_heatmaps(detection_run: Path, tmp_path
     assert result.returncode == 0, result.stderr[-2000:]
     pngs = sorted(p.name for p in tmp_path.glob("*.png"))
     assert any(name.startswith("niah_heatmap") for name in pngs) and any(name.startswith("head_scores") for name in pngs)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Many processes, resume, determinism
+
+
+def _free_port() -> str:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return str(sock.getsockname()[1])
+
+
+def _launch_two(*lm_eval_args: str) -> subprocess.CompletedProcess:
+    """`accelerate launch --num_processes 2 -m lm_eval ...` on this CPU-only machine (gloo)."""
+    return _run(
+        str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", _free_port(),
+        "-m", "lm_eval", *lm_eval_args,
+    )
+
+
+def test_two_processes_write_the_single_process_head_score_file(detection_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "two"
+    result = _launch_two(
+        "--model", "retrieval-head-hf", "--model_args", "pretrained=smollm2-135m", "--tasks", "niah_retrieval_heads_en",
+        "--include_path", tasks_dir(), "--metadata", GRID, "--output_path", str(out), "--log_samples",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "on rank 1" in result.stderr, "the second process must get its share of the documents"
+    single = (detection_run / "head_score" / "smollm2-135m.json").read_bytes()
+    assert (out / "head_score" / "smollm2-135m.json").read_bytes() == single
+    info = json.loads(next(out.glob("*/results_*.json")).read_text())["config"]["retrieval_heads"]
+    assert info["documents_run"] == 4 and info["documents_counted"] == 4
+
+
+APPROX_ARGS = (
+    "--model", "ret-approx-hf", "--model_args", "pretrained=smollm2-135m,topk=10,approx=simhash",
+    "--tasks", "retrieval_ppl_en", "--include_path", tasks_dir(), "--limit", "3", "--batch_size", "1",
+    "--metadata", '{"doc_sentences":12}',
+)
+
+
+def test_two_processes_add_up_to_the_single_process_recall_table(tmp_path: Path) -> None:
+    """3 documents over 2 ranks: lm-eval pads rank 1 with a copy of its request, which must not be counted twice.
+    Also: the same command twice gives byte-identical tables (simhash's hyperplanes are seeded)."""
+    runs = {}
+    for name in ("one", "again"):
+        result = _run(str(BIN / "lm_eval"), *APPROX_ARGS, "--output_path", str(tmp_path / name))
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[name] = tmp_path / name / "smollm2-135m"
+    result = _launch_two(*APPROX_ARGS, "--output_path", str(tmp_path / "two"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs["two"] = tmp_path / "two" / "smollm2-135m"
+
+    table = (runs["one"] / "recall_table.md").read_bytes()
+    assert (runs["again"] / "recall_table.md").read_bytes() == table
+    assert (runs["two"] / "recall_table.md").read_bytes() == table
+    one, two = (json.loads((runs[n] / "recall_stats.json").read_text()) for n in ("one", "two"))
+    for layer_one, layer_two in zip(one["layers"], two["layers"], strict=True):
+        assert layer_one["queries"] == layer_two["queries"], "every query counted exactly once"
+        np.testing.assert_allclose(layer_two["recall"], layer_one["recall"], rtol=1e-9)
+        np.testing.assert_allclose(layer_two["error_norm"], layer_one["error_norm"], rtol=1e-6)
+
+
+def test_killed_run_resumes_from_use_cache_and_ends_with_the_same_file(detection_run: Path, tmp_path: Path) -> None:
+    import signal
+    import sqlite3
+    import time
+
+    cache = tmp_path / "cache" / "niah"
+    args = [
+        str(BIN / "lm_eval"), "--model", "retrieval-head-hf", "--model_args", "pretrained=smollm2-135m",
+        "--tasks", "niah_retrieval_heads_en", "--include_path", tasks_dir(), "--metadata", GRID,
+        "--output_path", str(tmp_path / "out"), "--use_cache", str(cache),
+    ]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    database = Path(f"{cache}_rank0.db")
+
+    def finished_documents() -> int:
+        try:
+            with sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=1) as connection:
+                return connection.execute('SELECT COUNT(*) FROM "lmr_retrieval_heads"').fetchone()[0]
+        except sqlite3.Error:
+            return 0
+
+    process = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while finished_documents() < 2 and process.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    done = finished_documents()
+    assert 2 <= done < 4, f"the run was to be killed half-way, after {done} of 4 documents"
+    assert not (tmp_path / "out" / "head_score").exists(), "a killed run writes no head-score file"
+
+    result = _run(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resumed {done} of 4 documents" in result.stderr
+    assert finished_documents() == 4
+    resumed = (tmp_path / "out" / "head_score" / "smollm2-135m.json").read_bytes()
+    assert resumed == (detection_run / "head_score" / "smollm2-135m.json").read_bytes()

@@ -78,3 +78,42 @@ def test_translation_heads_equal_eager_reference(smollm2_lm, english_sentences) 
     assert tokens == generated
     torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float64).flatten(), atol=1e-12, rtol=0)
     assert got.max() > 0.5, f"SmolLM2 copies the needle answer here: {lm.tokenizer.decode(generated)!r}"
+
+
+def _request(doc, idx=0, doc_id=0):
+    from lm_eval.api.instance import Instance
+
+    return Instance(request_type="generate_until", doc=doc, arguments=(doc["input"], {"until": ["\n"]}), idx=idx,
+                    metadata=("niah_retrieval_heads_en", doc_id, 1))
+
+
+def test_a_repeated_request_is_traced_once(smollm2_lm, english_sentences) -> None:
+    """lm-eval pads the shorter ranks of a multi-process run by repeating a request: it must count once."""
+    lm = smollm2_lm
+    lm.reset_scores()
+    request = _request(_doc(lm, english_sentences, length=300))
+    calls = []
+    trace = lm._trace
+    lm._trace = lambda *args: calls.append(1) or trace(*args)
+    try:
+        responses = lm.generate_until([request, request], disable_tqdm=True)
+    finally:
+        del lm._trace
+    assert len(calls) == 1 and responses[0] == responses[1]
+    assert lm.documents_run == 1 and all(len(v) == lm.documents_counted for v in lm.head_scores.values())
+
+
+def test_a_document_longer_than_the_model_is_skipped_with_a_warning(smollm2_lm, english_sentences, caplog) -> None:
+    lm = smollm2_lm
+    lm.reset_scores()
+    doc = _doc(lm, english_sentences, length=600)
+    max_length = lm._max_length
+    lm._max_length = 400
+    try:
+        with caplog.at_level("WARNING"):
+            responses = lm.generate_until([_request(doc)], disable_tqdm=True)
+    finally:
+        lm._max_length = max_length
+    assert responses == [""]
+    assert lm.documents_skipped == 1 and lm.documents_run == 0
+    assert any("skipped a document of" in r.getMessage() and "max length 400" in r.getMessage() for r in caplog.records)

@@ -97,6 +97,18 @@ class ApproxStats:
     def curve(self) -> torch.Tensor:
         return self.curve_sum / self.curve_count.where(self.curve_count > 0, torch.nan)[:, None]
 
+    @classmethod
+    def total(cls, parts: list["ApproxStats"]) -> "ApproxStats":
+        """The statistics of all processes together: sums and counts add, in rank order."""
+        combined = cls(*parts[0].queries.shape)
+        for part in parts:
+            combined.queries += part.queries.cpu()
+            for name in cls.FIELDS:
+                combined.sums[name] += part.sums[name].cpu()
+            combined.curve_sum += part.curve_sum.cpu()
+            combined.curve_count += part.curve_count.cpu()
+        return combined
+
 
 class ApproxProbe:
     """Compares each attention call's exact attention with the module's `_approx_attn`, query chunk by chunk.

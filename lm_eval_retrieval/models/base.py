@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import logging
 import os
 import re
+import struct
 import sys
 from typing import Any
 
@@ -15,9 +17,13 @@ from lm_eval.models.huggingface import HFLM
 from ..attention.hook import check_base_attn, install_hook
 from ..attention.probes import HeadMask
 from ..errors import UserInputError
+from ..report.files import check_writable
 from .aliases import resolve_model
 from .masking import by_layer, select_heads
+from .quantize import quantization_config
+from .resume import take_over_from_caching_lm
 
+log = logging.getLogger(__name__)
 MASK_ARGS = ("mask_heads", "mask_topk", "mask_random", "head_scores", "seed", "mask_mode")
 HEAD_KEY = re.compile(r"^\d+-\d+$")
 
@@ -62,6 +68,7 @@ class HookedHFLM(HFLM):
         output_path: str | None = None,
         gguf_file: str | None = None,
         device: str | None = None,
+        quantize: str | None = None,
         **kwargs: Any,
     ) -> None:
         mask_args = self._take_mask_args(kwargs)
@@ -69,25 +76,71 @@ class HookedHFLM(HFLM):
         if mask_args.get("mask_mode", "uniform") not in HeadMask.MODES:
             raise UserInputError(f"unknown mask_mode={mask_args['mask_mode']!r}; use uniform or zero")
         check_base_attn(base_attn)
+        self.output_dir = output_path or output_dir_from_argv() or "."
+        check_writable(self.output_dir)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+            os.environ.setdefault("ACCELERATE_USE_CPU", "true")  # launched N-way without GPUs: gloo, one CPU each
         resolved = resolve_model(str(pretrained), gguf_file)
+        self._quantization = None
+        if quantize not in (None, "", "none", "None"):
+            self._quantization = quantization_config(quantize, resolved.gguf_file, kwargs.get("dtype"))
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        super().__init__(
-            pretrained=resolved.pretrained,
-            gguf_file=resolved.gguf_file,
-            device=device,
-            attn_implementation=base_attn,
-            **kwargs,
-        )
+        try:
+            super().__init__(
+                pretrained=resolved.pretrained,
+                gguf_file=resolved.gguf_file,
+                device=device,
+                attn_implementation=base_attn,
+                **kwargs,
+            )
+        except (OSError, ValueError, EOFError, KeyError, struct.error) as error:  # unreadable weights or config
+            where = os.path.join(resolved.pretrained, resolved.gguf_file or "")
+            first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+            raise UserInputError(
+                f"cannot load the model at {where!r} ({type(error).__name__}: {first_line}); check that the file is a "
+                "complete, uncorrupted model (re-copy it)"
+            ) from error
         self.model_name = resolved.name
         self.pretrained_arg = str(pretrained)
         self.base_attn = base_attn
-        self.output_dir = output_path or output_dir_from_argv() or "."
+        self._enable_cpu_data_parallel()
         self.hook_state = install_hook(self.model, base_attn)
         shape = (self.hook_state.num_layers, self.hook_state.num_heads)
         mode = mask_args.pop("mask_mode", "uniform")
         self.masked_heads: list[tuple[int, int]] = []
         self.set_head_mask(select_heads(shape, **mask_args), mode)
+
+    def _get_config(self, pretrained: str, **kwargs: Any) -> None:
+        """HFLM hands `from_pretrained` the quantisation config it finds on the model config: put ours there."""
+        super()._get_config(pretrained, **kwargs)
+        if self._quantization is not None:
+            self._config.quantization_config = self._quantization
+
+    def _enable_cpu_data_parallel(self) -> None:
+        """`accelerate launch --num_processes N` on CPU: HFLM only shards requests when it counts several GPUs, so
+        without this every process would run every document as rank 0 and each would write the results."""
+        accelerator = getattr(self, "accelerator", None)
+        if accelerator is not None and accelerator.num_processes > 1 and self._world_size == 1:
+            self._rank = accelerator.process_index
+            self._world_size = accelerator.num_processes
+
+    def set_cache_hook(self, cache_hook: Any) -> None:
+        """lm-eval's `--use_cache`: take the request methods back from its `CachingLM` (see models/resume.py)."""
+        super().set_cache_hook(cache_hook)
+        database = getattr(cache_hook, "dbdict", None)
+        if database is not None and take_over_from_caching_lm(self, caller_depth=2):
+            self.use_result_cache(database.filename)
+
+    def use_result_cache(self, cache_file: str) -> None:
+        """Subclasses keep what they need to skip finished requests in `cache_file`; the default recomputes."""
+        log.info("%s recomputes cached requests: its statistics are not in lm-eval's response cache", type(self).__name__)
+
+    def gather_to_rank0(self, value: Any) -> list[Any] | None:
+        """Every process's `value`, in rank order, on rank 0 (None elsewhere); all ranks must call it together."""
+        if self.world_size <= 1:
+            return [value]
+        return self.gather_object(value, dst=0)
 
     @staticmethod
     def _take_mask_args(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -117,7 +170,7 @@ class HookedHFLM(HFLM):
         if "attn_implementation" in unknown:
             raise UserInputError("use base_attn=sdpa|eager|flash_attention_2 instead of attn_implementation")
         if unknown:
-            ours = ["pretrained", "base_attn", "output_path", *self.OWN_ARGS, *MASK_ARGS]
+            ours = ["pretrained", "base_attn", "output_path", "quantize", *self.OWN_ARGS, *MASK_ARGS]
             raise UserInputError(
                 f"unknown model_args key(s) {', '.join(map(repr, unknown))}; this model takes {', '.join(ours)} "
                 "plus lm-eval's hf arguments (dtype, batch_size, max_length, ...)"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -22,6 +23,7 @@ from ..metrics.retrieval_score import RetrievalScoreTracker, TranslationScoreTra
 from ..metrics.rouge import rouge1_recall
 from ..report.heads import rank_heads, write_head_scores
 from .base import HookedHFLM
+from .resume import ResultStore
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +39,17 @@ def answer_token_span(offsets: list[tuple[int, int]], char_start: int, char_end:
     return inside[0], inside[-1] + 1
 
 
+@dataclass(frozen=True)
+class TracedDocument:
+    """One NIAH document's outcome: what the model answered and, when the answer passed the ROUGE gate, every head's
+    retrieval score (flattened layer-major)."""
+
+    response: str
+    scores: list[float] | None
+    skipped: bool = False
+    order: tuple = ()
+
+
 class RetrievalHeadLM(HookedHFLM):
     """HFLM plus a retrieval-score probe on every attention head during greedy answer decoding."""
 
@@ -46,35 +59,81 @@ class RetrievalHeadLM(HookedHFLM):
         super().__init__(**kwargs)
         self.max_new_tokens = int(max_new_tokens)
         self.top_heads = int(top_heads)
+        self._store: ResultStore | None = None
         self.reset_scores()
 
     def reset_scores(self) -> None:
         """Start a new accumulation (the masking sweep runs several evaluations on one loaded model)."""
-        self.head_scores: dict[str, list[float]] = {
-            f"{layer}-{head}": []
-            for layer in range(self.hook_state.num_layers)
-            for head in range(self.hook_state.num_heads)
-        }
-        self.documents_run = 0
-        self.documents_counted = 0
+        self.documents: dict[str, TracedDocument] = {}
+
+    @property
+    def head_scores(self) -> dict[str, list[float]]:
+        """`{"<layer>-<head>": [score per counted document]}`, documents in (task, doc_id) order so the file does not
+        depend on how many processes ran or in which order they finished."""
+        scores: dict[str, list[float]] = {f"{layer}-{head}": [] for layer, head in self._head_keys()}
+        for document in sorted(self.documents.values(), key=lambda d: d.order):
+            if document.scores is not None:
+                for key, value in zip(scores, document.scores):
+                    scores[key].append(value)
+        return scores
+
+    @property
+    def documents_run(self) -> int:
+        return sum(not d.skipped for d in self.documents.values())
+
+    @property
+    def documents_counted(self) -> int:
+        return sum(d.scores is not None for d in self.documents.values())
+
+    @property
+    def documents_skipped(self) -> int:
+        return sum(d.skipped for d in self.documents.values())
 
     # ----------------------------------------------------------------------------------------------------------
     # lm-eval entry point
 
     def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:
-        responses = []
+        responses, resumed = [], 0
         for request in tqdm(requests, desc="Detecting retrieval heads", disable=disable_tqdm or self.rank != 0):
             context, gen_kwargs = request.args
-            response = self.trace_document(context, request.doc, gen_kwargs)
-            responses.append(response)
-            self.cache_hook.add_partial("generate_until", (context, gen_kwargs), response)
+            key = self._request_key(request.args)
+            order = (str(getattr(request, "task_name", "")), int(getattr(request, "doc_id", 0) or 0), int(request.idx))
+            document = self.documents.get(key)  # a padding duplicate (lm-eval evens out ranks) is traced once
+            if document is None and self._store is not None and (stored := self._store.get(key)) is not None:
+                document, resumed = TracedDocument(**stored), resumed + 1
+            if document is None:
+                document = self._trace(context, request.doc, gen_kwargs)
+                if self._store is not None:
+                    self._store.put(key, asdict(document))
+            self.documents[key] = replace(document, order=order)
+            responses.append(document.response)
+            self.cache_hook.add_partial("generate_until", (context, gen_kwargs), document.response)
+        if resumed:
+            log.info("resumed %d of %d documents from %s", resumed, len(requests), self._store.path)
         self._report()
         return responses
+
+    def use_result_cache(self, cache_file: str) -> None:
+        """`--use_cache`: each finished document's response and head scores go into the cache file at once."""
+        self._store = ResultStore(cache_file, "lmr_retrieval_heads")
+
+    def _request_key(self, args: tuple) -> str:
+        fingerprint = {
+            "model": self.pretrained_arg,
+            "max_new_tokens": self.max_new_tokens,
+            "masked": [self.mask_mode, [list(h) for h in self.masked_heads]],
+        }
+        return ResultStore.key("generate_until", args, fingerprint)
 
     # ----------------------------------------------------------------------------------------------------------
 
     def trace_document(self, context: str, doc: dict, gen_kwargs: dict | None = None) -> str:
-        """Greedy-answer one NIAH prompt, scoring every head; returns the response text."""
+        """Greedy-answer one NIAH prompt outside lm-eval, scoring every head; returns the response text."""
+        document = replace(self._trace(context, doc, gen_kwargs), order=("", len(self.documents), 0))
+        self.documents[f"direct-{len(self.documents)}"] = document
+        return document.response
+
+    def _trace(self, context: str, doc: dict, gen_kwargs: dict | None) -> TracedDocument:
         missing = [key for key in NEEDLE_DOC_KEYS if key not in (doc or {})]
         if missing:
             raise UserInputError(
@@ -89,25 +148,24 @@ class RetrievalHeadLM(HookedHFLM):
             )
         encoded = self.tokenizer(context, return_offsets_mapping=True, add_special_tokens=bool(self.add_bos_token))
         prompt_ids = torch.tensor(encoded["input_ids"], device=self.device)
+        max_new = min(self.max_new_tokens, int((gen_kwargs or {}).get("max_gen_toks", self.max_new_tokens)))
+        if prompt_ids.numel() + max_new > self.max_length:
+            log.warning(
+                "skipped a document of %d tokens (+%d to generate): it does not fit %s's max length %d, and a "
+                "truncated haystack would lose the needle; use smaller context_lengths",
+                prompt_ids.numel(), max_new, self.model_name, self.max_length,
+            )
+            return TracedDocument(response="", scores=None, skipped=True)
         span = answer_token_span(
             encoded["offset_mapping"], offset + doc["answer_char_start"], offset + doc["answer_char_end"]
         )
-        max_new = min(self.max_new_tokens, int((gen_kwargs or {}).get("max_gen_toks", self.max_new_tokens)))
-        if prompt_ids.numel() + max_new > self.max_length:
-            raise UserInputError(
-                f"a document of {prompt_ids.numel()} tokens (+{max_new} to generate) does not fit {self.model_name}'s "
-                f"max length {self.max_length}; use smaller context_lengths"
-            )
         until = [u for u in (gen_kwargs or {}).get("until", []) if u]
         tracker = self._tracker(prompt_ids, span, doc)
         generated = self._decode_with_probe(prompt_ids, tracker, max_new, until)
         response = self._response_text(generated, until)
-        self.documents_run += 1
-        if rouge1_recall(response, doc["answer"], doc.get("answer_language", doc.get("language", "en"))) > ROUGE_GATE:
-            self.documents_counted += 1
-            for (layer, head), score in zip(self._head_keys(), tracker.scores().flatten().tolist()):
-                self.head_scores[f"{layer}-{head}"].append(score)
-        return response
+        language = doc.get("answer_language", doc.get("language", "en"))
+        counted = rouge1_recall(response, doc["answer"], language) > ROUGE_GATE
+        return TracedDocument(response=response, scores=tracker.scores().flatten().tolist() if counted else None)
 
     def _head_keys(self) -> list[tuple[int, int]]:
         return [(layer, head) for layer in range(self.hook_state.num_layers) for head in range(self.hook_state.num_heads)]
@@ -182,8 +240,16 @@ class RetrievalHeadLM(HookedHFLM):
         return rank_heads(scores)
 
     def _report(self) -> None:
-        """Write the head-score file (rank 0, atomically) and say how many documents counted."""
+        """Gather every process's documents on rank 0, write the head-score file there (atomically) and say how
+        many documents counted."""
+        gathered = self.gather_to_rank0(self.documents)
+        for other in (gathered or [])[1:]:
+            self.documents.update(other)
+        if self.rank != 0:
+            return
         summary = f"{self.documents_counted}/{self.documents_run} documents passed the ROUGE-1 > {ROUGE_GATE:g} gate"
+        if self.documents_skipped:
+            summary += f" ({self.documents_skipped} skipped: longer than the model's max length)"
         if self.documents_run and not self.documents_counted:
             log.warning(
                 "NO document counted (%s): every answer was wrong, so every head score is empty. Likely causes: "
@@ -192,9 +258,8 @@ class RetrievalHeadLM(HookedHFLM):
             )
         else:
             log.info(summary)
-        if self.rank == 0:
-            write_head_scores(self.head_score_path, self.head_scores)
-            log.info("head scores written to %s", self.head_score_path)
+        write_head_scores(self.head_score_path, self.head_scores)
+        log.info("head scores written to %s", self.head_score_path)
 
     def get_model_info(self) -> dict:
         top = [
@@ -208,6 +273,7 @@ class RetrievalHeadLM(HookedHFLM):
                 "base_attn": self.base_attn,
                 "documents_run": self.documents_run,
                 "documents_counted": self.documents_counted,
+                "documents_skipped": self.documents_skipped,
                 "head_score_file": os.path.abspath(self.head_score_path),
                 "top_heads": top,
             },

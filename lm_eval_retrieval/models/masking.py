@@ -24,7 +24,8 @@ def parse_head_list(text: str, shape: tuple[int, int]) -> list[tuple[int, int]]:
         layer, head = int(match.group(1)), int(match.group(2))
         if layer >= shape[0] or head >= shape[1]:
             raise UserInputError(
-                f"mask_heads: head {layer}-{head} is out of range for a model of {shape[0]} layers x {shape[1]} heads"
+                f"mask_heads: head {layer}-{head} is out of range for a model of {shape[0]} layers x {shape[1]} heads; "
+                f"use layers 0-{shape[0] - 1} and heads 0-{shape[1] - 1}"
             )
         heads.append((layer, head))
     return heads

@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch
 
 from ..attention.approx import resolve_approx
-from ..attention.probes import MASS_CURVE_K, ApproxProbe, nan_to_none
+from ..attention.probes import MASS_CURVE_K, ApproxProbe, ApproxStats, nan_to_none
 from ..errors import UserInputError
 from .base import HookedHFLM, as_bool
 
@@ -57,6 +57,7 @@ class RetApproxLM(HookedHFLM):
         self.set_approx(approx_fn, approx_name)
         state.probes.append(self.probe)
         self._pending_lengths: list[int] | None = None
+        self._all_stats: ApproxStats | None = None  # every process's statistics added up, on rank 0
 
     # ----------------------------------------------------------------------------------------------------------
 
@@ -74,23 +75,45 @@ class RetApproxLM(HookedHFLM):
     # lm-eval entry points: run as HFLM does, then write the reports
 
     def loglikelihood(self, requests, disable_tqdm: bool = False):
-        result = super().loglikelihood(requests, disable_tqdm=disable_tqdm)
-        self.write_reports()
-        return result
+        return self._each_request_once(super().loglikelihood, requests, disable_tqdm)
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
-        result = super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
-        self.write_reports()
-        return result
+        return self._each_request_once(super().loglikelihood_rolling, requests, disable_tqdm)
 
     def generate_until(self, requests, disable_tqdm: bool = False):
-        result = super().generate_until(requests, disable_tqdm=disable_tqdm)
+        return self._each_request_once(super().generate_until, requests, disable_tqdm)
+
+    def _each_request_once(self, run: Callable, requests: list, disable_tqdm: bool) -> list:
+        """Run HFLM's method on the distinct requests, then write the reports.
+
+        With several processes lm-eval pads the shorter ranks by repeating their last request, and HFLM's rolling
+        loglikelihood pads them with copies of their first window, so that all ranks run equally many batches;
+        analysing a copy would count its queries twice. Our forwards need no lock-step (each rank runs its own model
+        copy and the statistics are added up afterwards), so each rank runs only its distinct requests, unpadded."""
+        distinct = list({id(request): request for request in requests}.values())
+        world_size, self._world_size = self._world_size, 1
+        try:
+            outputs = run(distinct, disable_tqdm=disable_tqdm)
+        finally:
+            self._world_size = world_size
+        results = dict(zip(map(id, distinct), outputs))
         self.write_reports()
-        return result
+        return [results[id(request)] for request in requests]
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
-        """HFLM right-pads loglikelihood batches without a mask; record the true lengths so padding is masked."""
+        """HFLM right-pads loglikelihood batches without a mask; record the true lengths so padding is masked.
+
+        HFLM also keeps only the last `max_length` tokens of a longer request: say so, never truncate silently."""
         import lm_eval.models.huggingface as hf
+
+        too_long = [len(context) + len(continuation) for _, context, continuation in requests
+                    if len(context) + len(continuation) > self.max_length + 1]
+        if too_long:
+            log.warning(
+                "%d request(s) longer than %s's max length %d (longest %d tokens): lm-eval keeps only their last %d "
+                "tokens, so the analysis sees a truncated context; use shorter documents or loglikelihood_rolling",
+                len(too_long), self.model_name, self.max_length, max(too_long), self.max_length,
+            )
 
         original = hf.pad_and_concat
 
@@ -134,7 +157,7 @@ class RetApproxLM(HookedHFLM):
         return os.path.join(self.output_dir, sanitize_model_name(self.pretrained_arg))
 
     def recall_stats(self) -> dict[str, Any]:
-        stats = self.probe.stats
+        stats = self._all_stats or self.probe.stats
         means = {name: stats.means(name) for name in stats.FIELDS}
         layers = []
         for layer, module_name in enumerate(self.hook_state.module_names):
@@ -152,12 +175,15 @@ class RetApproxLM(HookedHFLM):
         }
 
     def write_reports(self) -> None:
+        """Add up every process's sums and counts on rank 0 and write the tables and plots there."""
+        gathered = self.gather_to_rank0(self.probe.stats)
         if self.rank != 0:
             return
         from ..report.recall import write_recall_reports
 
+        self._all_stats = ApproxStats.total(gathered)
         stats = self.recall_stats()
-        counted = int(self.probe.stats.queries.sum())
+        counted = int(self._all_stats.queries.sum())
         if counted == 0:
             log.warning(
                 "no query had at least %d visible keys (10*k with k=%d), so nothing was counted: lower topk or use "

@@ -9,6 +9,23 @@ from pathlib import Path
 from ..errors import UserInputError
 
 
+def check_writable(path: str | os.PathLike) -> None:
+    """Fail before the model loads, not after an hour of work, when results could not be saved under `path`.
+
+    `path` may not exist yet (it is created later); its nearest existing ancestor must be a writable folder. A
+    `.json` path names lm-eval's results file, so its parent is the folder that matters.
+    """
+    folder = Path(path)
+    if folder.suffix == ".json":
+        folder = folder.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise UserInputError(f"cannot write results under {str(path)!r}: {folder} is a file, not a folder; choose another --output_path")
+    if not os.access(folder, os.W_OK):
+        raise UserInputError(f"cannot write results under {str(path)!r}: {folder} is not writable; choose another --output_path")
+
+
 def atomic_write(path: str | os.PathLike, data: str | bytes, what: str = "results") -> None:
     """Write to a temp file in the same folder, fsync, then rename over `path` (creating parent folders).
 
