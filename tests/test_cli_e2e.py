@@ -18,9 +18,10 @@ BIN = Path(sys.executable).parent
 GRID = '{"context_lengths":[300,600],"depths":[0,100]}'
 
 
-def _run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    return subprocess.run(list(args), capture_output=True, text=True, env=env, cwd=cwd, timeout=900)
+def _run(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    environment = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    environment.update(env or {})
+    return subprocess.run(list(args), capture_output=True, text=True, env=environment, cwd=cwd, timeout=900)
 
 
 @pytest.fixture(scope="module")
@@ -84,26 +85,6 @@ def test_import_does_not_import_torch() -> None:
     assert result.stdout.split() == ["False", "True", "True"], result.stderr
 
 
-@pytest.mark.parametrize(
-    ("model_args", "message"),
-    [
-        ("pretrained=no-such-model", "unknown model 'no-such-model'"),
-        ("pretrained=/nonexistent/dir", "unknown model '/nonexistent/dir'"),
-        ("pretrained=smollm2-135m,base_attn=flashy", "unknown base_attn='flashy'"),
-    ],
-)
-def test_bad_model_args_are_one_line_errors(tmp_path: Path, model_args: str, message: str) -> None:
-    result = _run(
-        str(BIN / "lm_eval"), "--model", "retrieval-head-hf", "--model_args", model_args,
-        "--tasks", "niah_retrieval_heads_en", "--include_path", tasks_dir(), "--output_path", str(tmp_path),
-    )
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
-    assert not (tmp_path / "head_score").exists()
-
-
 def test_run_finds_the_bundled_task_and_rejects_a_metadata_typo(tmp_path: Path) -> None:
     # No --include_path and no --model: `run` adds both. The typo is caught inside the task's own dataset code,
     # so reaching that message proves lm-eval found the bundled task.
@@ -160,26 +141,6 @@ def test_compare_two_runs(approx_runs: dict[str, Path], tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "model.layers.0.self_attn" in result.stdout
     assert (tmp_path / "comparison.md").is_file() and (tmp_path / "recall_delta_heatmap.png").stat().st_size > 5000
-
-
-@pytest.mark.parametrize(
-    ("model_args", "message"),
-    [
-        ("pretrained=smollm2-135m,topk=0", "topk must be a positive integer, got 0"),
-        ("pretrained=smollm2-135m,approx=no_such_pkg.mod:fn", "approx='no_such_pkg.mod:fn' cannot be imported"),
-        ("pretrained=smollm2-135m,topk_k=5", "unknown model_args key(s) 'topk_k'"),
-    ],
-)
-def test_bad_ret_approx_args_are_one_line_errors(tmp_path: Path, model_args: str, message: str) -> None:
-    (tmp_path / "keep.txt").write_text("an earlier result")
-    result = _run(
-        str(BIN / "lm_eval"), "--model", "ret-approx-hf", "--model_args", model_args,
-        "--tasks", "retrieval_ppl_en", "--include_path", tasks_dir(), "--output_path", str(tmp_path),
-    )
-    assert result.returncode != 0 and "Traceback" not in result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
-    assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
 
 
 def test_readme_subclass_example_through_run_import(tiny_model_dir: str, tmp_path: Path) -> None:

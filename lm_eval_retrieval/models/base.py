@@ -72,6 +72,7 @@ class HookedHFLM(HFLM):
         **kwargs: Any,
     ) -> None:
         mask_args = self._take_mask_args(kwargs)
+        self._mask_args = {k: v for k, v in mask_args.items() if k != "mask_mode"}
         self._check_model_args(kwargs)
         if mask_args.get("mask_mode", "uniform") not in HeadMask.MODES:
             raise UserInputError(f"unknown mask_mode={mask_args['mask_mode']!r}; use uniform or zero")
@@ -94,6 +95,8 @@ class HookedHFLM(HFLM):
                 attn_implementation=base_attn,
                 **kwargs,
             )
+        except UserInputError:
+            raise
         except (OSError, ValueError, EOFError, KeyError, struct.error) as error:  # unreadable weights or config
             where = os.path.join(resolved.pretrained, resolved.gguf_file or "")
             first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
@@ -116,6 +119,11 @@ class HookedHFLM(HFLM):
         super()._get_config(pretrained, **kwargs)
         if self._quantization is not None:
             self._config.quantization_config = self._quantization
+        # The masked heads, checked against the config's shape before any weight is read (a typo costs seconds).
+        text = self._config.get_text_config() if hasattr(self._config, "get_text_config") else self._config
+        layers, heads = getattr(text, "num_hidden_layers", None), getattr(text, "num_attention_heads", None)
+        if isinstance(layers, int) and isinstance(heads, int):
+            select_heads((layers, heads), **self._mask_args)
 
     def _enable_cpu_data_parallel(self) -> None:
         """`accelerate launch --num_processes N` on CPU: HFLM only shards requests when it counts several GPUs, so
