@@ -106,3 +106,31 @@ def test_model_without_attention_interface_is_an_error_at_load_time() -> None:
 
     with pytest.raises(UserInputError, match="AttentionInterface"):
         install_hook(NotAModel(), "sdpa")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("base", ["sdpa", "eager"])
+def test_hook_in_half_precision_leaves_logits_unchanged_and_probes_run(dtype: torch.dtype, base: str) -> None:
+    """`dtype=bfloat16|float16`: the hook must not upcast or reorder anything the backend computes in half precision,
+    and the retrieval probe must work on half-precision queries and keys."""
+    from lm_eval_retrieval.attention.probes import RetrievalScoreProbe
+
+    plain = tiny_model("llama", attn=base).to(dtype)
+    hooked = copy.deepcopy(plain)
+    state = install_hook(hooked, base)
+    torch.manual_seed(2)
+    ids = torch.randint(1, VOCAB, (2, 24))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    with torch.no_grad():
+        expected = _prefill_and_decode(plain, ids, mask)
+        probe = RetrievalScoreProbe(state.num_layers, state.num_heads)
+        state.probes.append(probe)
+        got = _prefill_and_decode(hooked, ids, mask)
+        state.probes.remove(probe)
+    distances = probe.take_step()  # the last decode step's top-1 keys, as distances from the newest key
+    assert distances.shape == (state.num_layers, state.num_heads)
+    assert int(distances.min()) >= 0 and int(distances.max()) < ids.shape[1] + 4
+    for e, g in zip(expected, got):
+        assert g.dtype == dtype
+        torch.testing.assert_close(g, e, atol=0, rtol=0)
