@@ -16,6 +16,8 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 if os.environ.get("MALLOC_MMAP_THRESHOLD_") != "65536":
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
@@ -51,6 +53,24 @@ def measure(fn) -> tuple[float, float]:
     return elapsed, (max(peak, process.memory_info().rss) - base) / 2**20
 
 
+@contextmanager
+def unhooked(model, state, attn: str) -> Iterator[None]:
+    """Run `model` without the plugin's probes on the `attn` backend (its own hooked name keeps the hook, probe-free)."""
+    hooked, probes = model.config._attn_implementation, list(state.probes)
+    model.set_attn_implementation(attn)
+    state.probes[:] = []
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(hooked)
+        state.probes[:] = probes
+
+
+def naive_bytes(config, dtype: torch.dtype, length: int) -> float:
+    """What `output_attentions=True` keeps: one L x L matrix per layer and head."""
+    return config.num_hidden_layers * config.num_attention_heads * length * length * dtype.itemsize
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
@@ -61,7 +81,6 @@ def main() -> None:
 
     lm = RetApproxLM(pretrained="smollm2-135m", topk=args.topk, output_path="/tmp/lmr-bench")
     model, state = lm.model, lm.hook_state
-    probes = list(state.probes)
     config = model.config
     print(f"torch threads: {torch.get_num_threads()}, k={args.topk}")
     print("| context | plain (s) | analysed (s) | time ratio | plain peak (MiB) | analysed peak (MiB) | memory ratio "
@@ -72,29 +91,20 @@ def main() -> None:
         ids = torch.randint(100, config.vocab_size - 100, (1, length), generator=generator)
         with torch.inference_mode():
             model(ids[:, :64])  # warm-up
-            state.probes[:] = []
-            plain_t, plain_m = measure(lambda: model(ids))
-            state.probes[:] = probes
+            with unhooked(model, state, config._attn_implementation):
+                plain_t, plain_m = measure(lambda: model(ids))
             probed_t, probed_m = measure(lambda: model(ids))
-            naive = "skipped (would need {:.0f} GiB)".format(_naive_bytes(config, length) / 2**30)
+            naive = "skipped (would need {:.0f} GiB)".format(naive_bytes(config, model.dtype, length) / 2**30)
             naive_m = ""
-            if _naive_bytes(config, length) <= NAIVE_LIMIT_BYTES:
-                state.probes[:] = []
-                hooked = config._attn_implementation
-                model.set_attn_implementation("eager")
-                naive_t, naive_mem = measure(lambda: model(ids, output_attentions=True))
-                model.set_attn_implementation(hooked)
-                state.probes[:] = probes
+            if naive_bytes(config, model.dtype, length) <= NAIVE_LIMIT_BYTES:
+                with unhooked(model, state, "eager"):
+                    naive_t, naive_mem = measure(lambda: model(ids, output_attentions=True))
                 naive, naive_m = f"{naive_t:.2f}", f"{naive_mem:.0f}"
         print(
             f"| {length} | {plain_t:.2f} | {probed_t:.2f} | {probed_t / plain_t:.2f}x | {plain_m:.0f} | {probed_m:.0f} "
             f"| {probed_m / plain_m:.2f}x | {naive} | {naive_m} |",
             flush=True,
         )
-
-
-def _naive_bytes(config, length: int) -> float:
-    return config.num_hidden_layers * config.num_attention_heads * length * length * 4
 
 
 if __name__ == "__main__":

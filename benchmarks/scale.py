@@ -36,11 +36,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import argparse  # noqa: E402
 from collections.abc import Callable  # noqa: E402
-from contextlib import contextmanager  # noqa: E402
-from typing import Any, Iterator  # noqa: E402
+from contextlib import nullcontext  # noqa: E402
+from typing import Any  # noqa: E402
 
+import psutil  # noqa: E402
 import torch  # noqa: E402
-from approx_overhead import measure  # noqa: E402  (benchmarks/ is sys.path[0] when run as a script)
+from approx_overhead import measure, naive_bytes, unhooked  # noqa: E402  (benchmarks/ is sys.path[0] as a script)
 
 Cost = tuple[float, float]  # (seconds, peak extra MiB)
 REPEATS = 1  # set from --repeats
@@ -54,22 +55,6 @@ def best(fn: Callable[[], Any]) -> Cost:
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-@contextmanager
-def backend(model: Any, state: Any, attn: str | None) -> Iterator[None]:
-    """Run `model` on the plain `attn` backend (unhooked, no probes); None leaves the hook and its probes on."""
-    if attn is None:
-        yield
-        return
-    hooked, probes = model.config._attn_implementation, list(state.probes)
-    model.set_attn_implementation(attn)
-    state.probes[:] = []
-    try:
-        yield
-    finally:
-        model.set_attn_implementation(hooked)
-        state.probes[:] = probes
 
 
 def counting_decode_steps(lm: Any) -> list[int]:
@@ -102,26 +87,20 @@ def detection_costs(lm: Any, doc: dict, steps: list[int]) -> tuple[Cost, Cost, i
             pad_token_id=lm.tokenizer.eos_token_id,
         )
 
-    with backend(lm.model, lm.hook_state, "sdpa"), torch.inference_mode():
+    with unhooked(lm.model, lm.hook_state, "sdpa"), torch.inference_mode():
         generate = best(plain)
     return generate, detect, new_tokens
 
 
 def forward_cost(model: Any, state: Any, ids: torch.Tensor, attn: str | None, **kwargs: Any) -> Cost:
     """One full-logits forward of `ids` on `attn` (None: hooked, with the model's probes)."""
-    with backend(model, state, attn), torch.inference_mode():
+    with unhooked(model, state, attn) if attn else nullcontext(), torch.inference_mode():
         return best(lambda: model(ids, **kwargs))
 
 
-def naive_bytes(config: Any, dtype: torch.dtype, length: int) -> float:
-    """What `output_attentions=True` keeps: one L x L matrix per layer and head."""
-    return config.num_hidden_layers * config.num_attention_heads * length * length * dtype.itemsize
-
-
 def resident_mib() -> float:
-    """This process's resident memory now (Linux), the base that every cell's peak is measured above."""
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    """This process's resident memory now, the base that every cell's peak is measured above."""
+    return psutil.Process().memory_info().rss / 2**20
 
 
 def cell(cost: Cost) -> str:

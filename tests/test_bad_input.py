@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,7 +148,3 @@ def test_the_readme_table_lists_every_row() -> None:
     assert len(rows) >= 15
     missing = sorted({case[0] for case in CASES} - set(rows))
     assert not missing, f"README's bad-input table lacks rows: {missing}"
-
-
-if __name__ == "__main__":
-    sys.exit(pytest.main([__file__, "-q"]))

@@ -71,11 +71,11 @@ class HookedHFLM(HFLM):
         quantize: str | None = None,
         **kwargs: Any,
     ) -> None:
-        mask_args = self._take_mask_args(kwargs)
-        self._mask_args = {k: v for k, v in mask_args.items() if k != "mask_mode"}
+        self._mask_args = self._take_mask_args(kwargs)  # the head selection, checked in _get_config and applied below
+        mask_mode = self._mask_args.pop("mask_mode", "uniform")
         self._check_model_args(kwargs)
-        if mask_args.get("mask_mode", "uniform") not in HeadMask.MODES:
-            raise UserInputError(f"unknown mask_mode={mask_args['mask_mode']!r}; use uniform or zero")
+        if mask_mode not in HeadMask.MODES:
+            raise UserInputError(f"unknown mask_mode={mask_mode!r}; use uniform or zero")
         check_base_attn(base_attn)
         self.output_dir = output_path or output_dir_from_argv() or "."
         check_writable(self.output_dir)
@@ -110,9 +110,8 @@ class HookedHFLM(HFLM):
         self._enable_cpu_data_parallel()
         self.hook_state = install_hook(self.model, base_attn)
         shape = (self.hook_state.num_layers, self.hook_state.num_heads)
-        mode = mask_args.pop("mask_mode", "uniform")
         self.masked_heads: list[tuple[int, int]] = []
-        self.set_head_mask(select_heads(shape, **mask_args), mode)
+        self.set_head_mask(select_heads(shape, **self._mask_args), mask_mode)
 
     def _get_config(self, pretrained: str, **kwargs: Any) -> None:
         """HFLM hands `from_pretrained` the quantisation config it finds on the model config: put ours there."""
