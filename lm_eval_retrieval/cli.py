@@ -12,13 +12,11 @@ import sys
 from pathlib import Path
 
 from .errors import UserInputError
+from .paths import tasks_dir
 from .report.files import check_writable
 from .run_config import check_run_config
 
-
-def tasks_dir() -> str:
-    """Folder of the bundled task YAMLs, inside the installed package."""
-    return str(Path(__file__).resolve().parent / "tasks")
+__all__ = ["build_parser", "main", "tasks_dir"]
 
 
 def _import_user_module(module_name: str) -> None:

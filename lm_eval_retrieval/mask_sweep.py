@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from .errors import UserInputError
 from .models.masking import select_heads
+from .paths import tasks_dir
 from .report.files import atomic_write
 
 METRICS = ("needle_found", "rouge1_recall")
@@ -64,7 +65,6 @@ def run_mask_sweep(
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    from .cli import tasks_dir
     from .models.head_trace import RetrievalHeadLM
     from .report.niah_plot import niah_heatmap
     from .report.plots import save_png

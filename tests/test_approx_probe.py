@@ -151,6 +151,18 @@ def test_layerwise_keeps_logits_and_end_to_end_moves_them() -> None:
     assert (end_to_end[0] - expected)[real].abs().max() > 1e-3
 
 
+@pytest.mark.parametrize(("arch", "base"), ARCH_BACKENDS)
+def test_analysis_keeps_every_architectures_logits(arch: str, base: str) -> None:
+    """Over sdpa in float32 the probe computes the exact output itself (sdpa's CPU kernel, which also returns the
+    softmax normaliser): logits must still equal the unpatched model's, prefill and cached decode, with padding."""
+    plain = tiny_model(arch, attn=base)
+    ids, padding = _batch()
+    with torch.no_grad():
+        expected = plain(ids, attention_mask=padding[:, :40]).logits
+    _, _, got = analysed_run(copy.deepcopy(plain), exact_topk, ids, padding, decode=False)
+    torch.testing.assert_close(got[0], expected, atol=1e-5, rtol=0)
+
+
 def test_seed_idiom_exact_attention_as_approximation() -> None:
     """`module._approx_attn = MethodType(module._attn, module)` with `_attn` the exact attention: recall 1, error 0."""
     model = tiny_model("llama")

@@ -38,6 +38,7 @@ SMOL = "pretrained=smollm2-135m"
 # (row id, command with {files} placeholders, the text the error line must hold). `{out}` is the earlier run's folder.
 CASES = [
     ("unknown model alias", _detect("pretrained=smollm2-13m"), "unknown model 'smollm2-13m'"),
+    ("hub id not downloaded (offline)", _detect("pretrained=no-org/no-such-model"), "`hf download no-org/no-such-model`"),
     ("missing model path", _detect("pretrained=/nonexistent/model"), "no such folder or file"),
     ("corrupt GGUF", _detect("pretrained={files}/corrupt.gguf"), "check that the file is a complete, uncorrupted model"),
     ("unknown task", _detect(SMOL, task="niah_retrieval_heads_fr"), "unknown task(s) niah_retrieval_heads_fr"),

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-import lm_eval_retrieval.tasks.lmr_niah as lmr_niah
 from lm_eval_retrieval.errors import UserInputError
 from lm_eval_retrieval.haystack import Needle, build_document, get_needles, load_haystack_text, split_sentences
 from lm_eval_retrieval.haystack import corpora
@@ -22,6 +21,9 @@ from lm_eval_retrieval.haystack.document import TEMPLATES, prompt_template
 from lm_eval_retrieval.haystack.languages import LANGUAGES, SEPARATORS, joiner
 from lm_eval_retrieval.metrics.rouge import chinese_tokens, needle_found, rouge1_recall
 
+from bundled_tasks import task_module
+
+lmr_niah = task_module("lmr_niah")  # tasks/lmr_niah.py
 TASKS_DIR = Path(lmr_niah.__file__).parent
 NEW_TASKS = {
     # task name: (language, haystack_language, answer_language)

@@ -180,10 +180,11 @@ def test_write_reports_and_round_trip(tmp_path):
     assert raw["layers"][0]["recall"] == [1.0, None, 0.0]
     assert text.startswith('{\n "model"')  # indent=1
 
-    loaded = load_recall_stats(out)
-    assert loaded["layers"][0]["recall"] == [1.0, None, 0.0]
-    assert loaded["layers"][1]["recall"] == [0.75, 0.25, None]
-    assert loaded["mass_curve"]["k"] == KS
+    loaded = load_recall_stats(out)  # checked once on the way in: a typed RecallStats from here on
+    assert loaded.layers[0].recall == (1.0, None, 0.0)
+    assert loaded.layers[1].recall == (0.75, 0.25, None)
+    assert list(loaded.mass_k) == KS
+    assert loaded.to_dict()["layers"][0]["recall"] == [1.0, None, 0.0]
     expected = layer_table(stats)
     pd.testing.assert_frame_equal(layer_table(loaded), expected)
     assert layer_table(loaded).loc["model.layers.0.self_attn", "Mean Recall"] == pytest.approx(0.5)  # 1.0, 0.0
@@ -202,7 +203,7 @@ def test_write_reports_and_round_trip(tmp_path):
 
 def test_load_searches_one_level_down(tmp_path):
     write_recall_reports(make_stats(), tmp_path / "smollm2-135m")
-    assert load_recall_stats(tmp_path)["model"] == "smollm2-135m"
+    assert load_recall_stats(tmp_path).model == "smollm2-135m"
     write_recall_reports(make_stats(model="other"), tmp_path / "other")
     with pytest.raises(UserInputError) as info:
         load_recall_stats(tmp_path)

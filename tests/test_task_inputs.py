@@ -8,7 +8,10 @@ import pytest
 
 from lm_eval_retrieval.errors import UserInputError
 from lm_eval_retrieval.haystack.grid import DEFAULT_CONTEXT_LENGTHS, DEFAULT_DEPTHS
-from lm_eval_retrieval.tasks.lmr_niah import niah_retrieval_heads_en
+
+from bundled_tasks import task_module
+
+niah_retrieval_heads_en = task_module("lmr_niah").niah_retrieval_heads_en  # tasks/lmr_niah.py
 
 
 def _dataset(monkeypatch, argv_metadata: str | None, **metadata):

@@ -31,6 +31,10 @@ class Probe(Protocol):
 
     `before` may return a replacement query (masking zeroes a head's query); `after` sees the exact output and may
     return a replacement output (approximations hand theirs on). Either may return None to leave things as they are.
+
+    A probe that scores every key anyway may also have `attend(call) -> output (B, Q, Hq, D)`: the hook then asks it
+    for the layer's exact output instead of calling the backend, so the keys are scored once, not twice. The hook
+    asks only where that output is the backend's up to float32 rounding (see `may_skip_backend`).
     """
 
     def before(self, call: "AttentionCall") -> torch.Tensor | None: ...
@@ -65,6 +69,9 @@ class HookState:
     num_heads: int = 0
     num_kv_heads: int = 0
     module_names: list[str] = field(default_factory=list)
+    # Probes may compute the exact output themselves (see Probe.attend) only over the sdpa backend: eager is what a
+    # user picks to get the model's own arithmetic, and flash runs in half precision.
+    may_attend: bool = False
 
 
 def hooked_attention(
@@ -90,12 +97,58 @@ def hooked_attention(
         new_query = probe.before(call)
         if new_query is not None:
             call.query = new_query
-    output, weights = base(module, call.query, key, value, attention_mask, scaling=scaling, **kwargs)
+    output = weights = None
+    if state.may_attend and may_skip_backend(module, call):
+        for probe in state.probes:
+            attend = getattr(probe, "attend", None)
+            if attend is not None:
+                output = attend(call)
+                break
+    if output is None:
+        output, weights = base(module, call.query, key, value, attention_mask, scaling=scaling, **kwargs)
     for probe in state.probes:
         new_output = probe.after(call, output)
         if new_output is not None:
             output = new_output
     return output, weights
+
+
+def may_skip_backend(module: nn.Module, call: AttentionCall) -> bool:
+    """Whether a probe may compute this call's exact output itself instead of the sdpa backend.
+
+    Only where the result is the backend's up to float32 rounding, as the hook promises: float32, a causal module, no
+    dropout. transformers' sdpa backend reads nothing else from the call's keyword arguments (it refuses `softcap`
+    and `output_attentions`, so those keep the backend and its error)."""
+    kwargs = call.kwargs
+    return (
+        call.query.dtype == torch.float32
+        and kwargs.get("is_causal", getattr(module, "is_causal", True)) is not False
+        and not kwargs.get("dropout")
+        and kwargs.get("softcap") is None
+        and not kwargs.get("output_attentions")
+    )
+
+
+def cpu_attention_with_lse(call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(output (B, Hq, Q, D), softmax log-normaliser (B, Hq, Q)) from the kernel that `sdpa` itself runs on a CPU.
+
+    The analysis needs each query's log-normaliser over all its keys; computing it again costs a pass over every
+    score. PyTorch's CPU flash-attention kernel (what `scaled_dot_product_attention` dispatches to there) returns it
+    beside the output, which is bit-for-bit sdpa's. None off the CPU or where that private op is missing, and then
+    the backend runs and the probe computes the normaliser itself.
+    """
+    kernel = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if kernel is None or call.query.device.type != "cpu":
+        return None
+    mask = call.attention_mask
+    if mask is not None and mask.dtype == torch.bool:  # as sdpa does: False -> -inf, added to the scores
+        mask = torch.zeros(mask.shape, dtype=call.query.dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+    is_causal = mask is None and call.query.shape[2] > 1
+    try:
+        output, lse = kernel(call.query, call.key, call.value, 0.0, is_causal, attn_mask=mask, scale=call.scaling)
+    except RuntimeError:  # a shape or mask the kernel does not take: the backend decides
+        return None
+    return output, lse
 
 
 def _model_eager_function(module: nn.Module) -> Callable:
@@ -175,7 +228,7 @@ def install_hook(model: nn.Module, base_attn: str = "sdpa") -> HookState:
             "lm-eval-retrieval cannot hook it; use a model class from transformers >= 5 (Llama, Qwen2, Mistral, Phi3, GPT-NeoX, Gemma3 ...)"
         )
     heads, kv_heads = _head_counts(model)
-    state = HookState(num_layers=len(modules), num_heads=heads, num_kv_heads=kv_heads)
+    state = HookState(num_layers=len(modules), num_heads=heads, num_kv_heads=kv_heads, may_attend=base_attn == "sdpa")
     for layer, (name, module) in enumerate(modules):
         module._lmr_layer = layer
         module._lmr_state = state

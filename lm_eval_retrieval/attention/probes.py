@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 
 from ..errors import UserInputError
 from .approx.common import masked_logits, weighted_ids
 from .approx.exact_topk import exact_topk
-from .hook import AttentionCall
+from .hook import AttentionCall, cpu_attention_with_lse
+from .topk import row_topk
 
 MASS_CURVE_K = [2**i for i in range(11)]  # 1 .. 1024
+NEG_INF = float("-inf")
 
 
 def visible_mask(call: AttentionCall, q_start: int, q_end: int) -> torch.Tensor:
@@ -64,7 +67,9 @@ class RetrievalScoreProbe:
 
     def after(self, call: AttentionCall, output: torch.Tensor) -> None:
         q_len = call.query.shape[2]
-        logits = masked_logits(call.query[:, :, -1:], call.key, visible_mask(call, q_len - 1, q_len), call.scaling)
+        # With no mask the last query sees every key: no visibility tensor to build at each decode step.
+        visible = None if call.attention_mask is None else visible_mask(call, q_len - 1, q_len)
+        logits = masked_logits(call.query[:, :, -1:], call.key, visible, call.scaling)
         top1 = logits[0, :, 0, :].argmax(dim=-1)  # (Hq,), batch 1 during detection
         self.step_top1[call.layer] = (call.key.shape[2] - 1) - top1
         return None
@@ -117,6 +122,14 @@ class ApproxProbe:
     approximation's ids against the exact top-k, the relative error of its output, and the exact-softmax mass held by
     each id set. Chunks bound memory to `chunk_elements` scores at a time: no full L x L matrix is ever built.
     With `layerwise=False` the approximate output replaces the layer's output, so errors propagate.
+
+    Where the time goes. The analysis needs every query's scores against every key it sees (for the exact top-k)
+    and the softmax log-normaliser (for the masses). Scoring the keys is unavoidable; the normaliser is not: where
+    the hook allows it (`attend`: float32 on a CPU over sdpa) the probe runs sdpa's own CPU kernel, which returns the
+    normaliser beside the very output sdpa would return, instead of letting the backend run and summing exponentials
+    of every score again (elsewhere it does that). A causal chunk's scores stop at its own last key, which halves the
+    work of a prefill; the exact top-k is taken blockwise (`topk.row_topk`); sums stay on the device until they are
+    read, so a decode step costs no host copy.
     """
 
     def __init__(
@@ -126,9 +139,9 @@ class ApproxProbe:
         topk: int,
         layerwise: bool = True,
         min_visible_keys: int | None = None,
-        chunk_elements: int = 2**22,
+        chunk_elements: int = 2**21,
         approx_name: str = "approx",
-        curve_stride: int = 16,
+        curve_stride: int = 256,
     ) -> None:
         self.topk = topk
         self.layerwise = layerwise
@@ -136,112 +149,200 @@ class ApproxProbe:
         self.chunk_elements = chunk_elements
         self.approx_name = approx_name
         self.curve_stride = curve_stride
-        self.stats = ApproxStats(num_layers, num_heads)
+        self._stats = ApproxStats(num_layers, num_heads)
+        # (layers, 1 + fields, heads) sums and (layers, 1 + curve points) curve sums, on the device of the calls.
+        self._device_sums: torch.Tensor | None = None
+        self._device_curve: torch.Tensor | None = None
+        self._future: dict[tuple[int, torch.device], torch.Tensor] = {}
+        self._range_checked: set[int] = set()
+        self._attended: tuple[AttentionCall, torch.Tensor | None] | None = None
+
+    @property
+    def stats(self) -> ApproxStats:
+        """The statistics so far (device sums moved into the host `ApproxStats` first)."""
+        if self._device_sums is not None:
+            sums = self._device_sums.cpu().double()
+            self._stats.queries += sums[:, 0]
+            for i, name in enumerate(ApproxStats.FIELDS, start=1):
+                self._stats.sums[name] += sums[:, i]
+            curve = self._device_curve.cpu().double()
+            self._stats.curve_count += curve[:, 0]
+            self._stats.curve_sum += curve[:, 1:]
+            self._device_sums = self._device_curve = None
+        return self._stats
 
     def before(self, call: AttentionCall) -> None:
         return None
 
+    @torch.no_grad()
+    def attend(self, call: AttentionCall) -> torch.Tensor | None:
+        """The layer's exact output (B, Q, Hq, D) from the backend's own CPU kernel, which also returns the softmax
+        log-normaliser the analysis needs (see the class); None where that kernel does not apply."""
+        computed = cpu_attention_with_lse(call)
+        if computed is None:
+            return None
+        output, lse = computed
+        self._attended = (call, self._analyse(call, output, lse))
+        return output.transpose(1, 2).contiguous()
+
+    @torch.no_grad()
     def after(self, call: AttentionCall, output: torch.Tensor) -> torch.Tensor | None:
+        attended, self._attended = self._attended, None
+        if attended is not None and attended[0] is call:
+            approx = attended[1]
+        else:
+            approx = self._analyse(call, output.transpose(1, 2), None)
+        return None if approx is None else approx.to(output.dtype).reshape(output.shape)
+
+    def _analyse(self, call: AttentionCall, output: torch.Tensor, lse: torch.Tensor | None) -> torch.Tensor | None:
+        """Analyse every query chunk against the exact `output` (B, Hq, Q, D) and, where known, its softmax
+        log-normaliser `lse` (B, Hq, Q); returns the approximate output (B, Q, Hq, D) if it is passed on."""
         batch, q_heads, q_len, _ = call.query.shape
         k_len = call.key.shape[2]
+        if self._device_sums is None:
+            layers, heads = self._stats.queries.shape
+            dtype = torch.float64 if call.query.device.type != "mps" else torch.float32
+            device = call.query.device
+            self._device_sums = torch.zeros(layers, 1 + len(ApproxStats.FIELDS), heads, dtype=dtype, device=device)
+            self._device_curve = torch.zeros(layers, 1 + len(MASS_CURVE_K), dtype=dtype, device=device)
+        # Keys once per call, contiguous: a model's keys are often a transposed view, which the matmul of every chunk
+        # would otherwise copy again.
+        key, value = call.key.contiguous(), call.value.contiguous()
         chunk = max(1, self.chunk_elements // max(1, batch * q_heads * k_len))
         approx_chunks = []
         for start in range(0, q_len, chunk):
             end = min(q_len, start + chunk)
-            approx_chunks.append(self._analyse_chunk(call, output, start, end))
+            chunk_lse = None if lse is None else lse[:, :, start:end]
+            approx_chunks.append(self._analyse_chunk(call, output, chunk_lse, key, value, start, end))
         if self.layerwise:
             return None
-        approx = torch.cat(approx_chunks, dim=2).transpose(1, 2).to(output.dtype)  # (B, Q, Hq, D) like the backends
-        return approx.reshape(output.shape)
+        return torch.cat(approx_chunks, dim=2).transpose(1, 2)
 
-    @torch.no_grad()
-    def _analyse_chunk(self, call: AttentionCall, output: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    def _future_mask(self, size: int, device: torch.device) -> torch.Tensor:
+        """Bool (size, size), True above the diagonal: the keys after each query inside a causal chunk's own block."""
+        key = (size, device)
+        if key not in self._future:
+            self._future[key] = torch.ones(size, size, dtype=torch.bool, device=device).triu(1)
+        return self._future[key]
+
+    def _analyse_chunk(
+        self,
+        call: AttentionCall,
+        output: torch.Tensor,
+        lse: torch.Tensor | None,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        start: int,
+        end: int,
+    ) -> torch.Tensor:
+        """Adds queries start..end to the sums; returns their output to pass on (B, Hq, C, D) float32."""
         query = call.query[:, :, start:end]
+        size = end - start
         q_len, k_len = call.query.shape[2], call.key.shape[2]
+        # No real query sees a key after its own position: the chunk's keys end at its last query.
+        limit = k_len - q_len + end
+        k = min(self.topk, limit)
         softcap = call.kwargs.get("softcap")
+        min_keys = max(self.min_visible_keys, 1)
+        exact_out = output[:, :, start:end].float()
         if call.attention_mask is None:
-            # Plain causal attention, every query a real token: mask only the keys after each query, in place.
-            first_own = k_len - q_len + start  # key index of the chunk's first query
-            logits = masked_logits(query, call.key, None, call.scaling, softcap)
-            logits[..., first_own + (end - start) :] = float("-inf")
-            future = torch.ones(end - start, end - start, dtype=torch.bool, device=logits.device).triu(1)
-            logits[..., first_own : first_own + (end - start)].masked_fill_(future, float("-inf"))
-            own = torch.arange(first_own, first_own + (end - start), device=logits.device)
-            real = torch.ones(*query.shape[:3], dtype=torch.bool, device=logits.device)
-            visible_count = (own + 1).expand(*query.shape[:3])
-            attend = None
-            probs = torch.softmax(logits, dim=-1)
+            # Plain causal attention, every query a real token: only the chunk's own block has future keys, and
+            # query i of the chunk sees first_own + i + 1 keys. A decode step (one query) needs no tensor for that.
+            first_own = limit - size
+            if size == 1:
+                counted, denominator = limit >= min_keys, k
+            else:
+                visible_count = torch.arange(first_own + 1, limit + 1, device=query.device)
+                counted = visible_count >= min_keys
+                denominator = visible_count.clamp(max=k)
+            if counted is False:
+                return exact_out  # nothing to count (too few keys); the exact output stands
+            logits = masked_logits(query, key[:, :, :limit], None, call.scaling, softcap)
+            if size > 1:
+                logits[..., first_own:].masked_fill_(self._future_mask(size, logits.device), NEG_INF)
+            real = attend = None
         else:
             visible = visible_mask(call, start, end)
             real = real_queries(visible, start, q_len)
             attend = visible & real[..., None]
             visible_count = attend.sum(-1)
-            logits = masked_logits(query, call.key, attend, call.scaling, softcap)
-            probs = torch.softmax(logits, dim=-1).nan_to_num_(0.0)  # padding rows see nothing: all-zero, uncounted
+            counted = (visible_count >= min_keys) & real
+            denominator = visible_count.clamp(max=k).clamp(min=1)
+            logits = masked_logits(query, key[:, :, :limit], attend[..., :limit], call.scaling, softcap)
+        if lse is None:
+            lse = torch.logsumexp(logits, dim=-1)  # -inf on a row that sees nothing, never counted
+        lse = lse.unsqueeze(-1)
 
-        def is_visible(ids: torch.Tensor) -> torch.Tensor:
-            if attend is None:
-                return ids <= own[:, None]
-            return attend.expand(*ids.shape[:3], -1).gather(-1, ids)
-
-        # The backend already computed the exact output of this layer: the error norm is measured against it.
-        exact_out = output.transpose(1, 2)[:, :, start:end].float()
-        k = min(self.topk, k_len)
-        exact_ids = logits.topk(k, dim=-1).indices
-        exact_ok = is_visible(exact_ids)
-        exact_weights = probs.gather(-1, exact_ids) * exact_ok
-
+        exact_scores, exact_ids = row_topk(logits, k)
+        exact_ok = exact_scores > NEG_INF  # fewer than k visible keys: the rest are placeholders
+        exact_mass = torch.where(exact_ok, (exact_scores - lse).exp(), 0.0).sum(-1)
         approx_fn = getattr(call.module._approx_attn, "__func__", None)
         if approx_fn is exact_topk:  # the default: its ids are the exact ids, no need to score every key twice
-            approx_ids, approx_ok = exact_ids, exact_ok
-            normaliser = exact_weights.sum(-1, keepdim=True).clamp_min(1e-30)
-            approx_out = weighted_ids(exact_weights / normaliser, exact_ids, call.value)
+            weights = torch.softmax(exact_scores, dim=-1)
+            if real is not None:
+                weights = weights.nan_to_num_(0.0)
+            approx_out = weighted_ids(weights, exact_ids, value)
+            recall = exact_ok.sum(-1) / denominator
+            approx_mass = exact_mass
         else:
             if attend is None:
                 attend = visible_mask(call, start, end)
-            del logits
-            approx_out, _, approx_ids = call.module._approx_attn(
-                query, call.key, call.value, attend, call.scaling, self.topk
-            )
-            self._check_approx(query, call.value, approx_out, approx_ids, k_len)
-            approx_ids, approx_out = approx_ids.long(), approx_out.float()
-            approx_ok = _first_occurrence(approx_ids) & is_visible(approx_ids)
+            approx_out, _, approx_ids = call.module._approx_attn(query, call.key, call.value, attend, call.scaling, k)
+            self._check_approx(call.layer, query, call.value, approx_out, approx_ids, k_len)
+            approx_out = approx_out.float()
+            if call.attention_mask is None:  # causal: query i of the chunk sees keys up to first_own + i
+                own = torch.arange(first_own, limit, device=approx_ids.device)[:, None]
+                is_visible = lambda ids: (ids >= 0) & (ids <= own)  # noqa: E731
+            else:
+                keys = attend.shape[-1]
+                is_visible = lambda ids: (  # noqa: E731
+                    (ids >= 0) & (ids < keys) & attend.expand(*ids.shape[:3], -1).gather(-1, ids.clamp(0, keys - 1))
+                )
+            recall, approx_mass = _set_metrics(approx_ids, exact_ids, exact_ok, logits, lse, is_visible, denominator)
 
-        counted = (real & (visible_count >= max(self.min_visible_keys, 1))).expand(*probs.shape[:3])
-        hits = ((approx_ids[..., :, None] == exact_ids[..., None, :]) & exact_ok[..., None, :]).any(-1)
-        denominator = visible_count.clamp(max=k).clamp(min=1).expand_as(counted)
-        recall = (hits & approx_ok).sum(-1) / denominator
         error = (approx_out - exact_out).norm(dim=-1) / exact_out.norm(dim=-1).clamp_min(1e-30)
-        exact_mass = exact_weights.sum(-1)
-        approx_mass = (probs.gather(-1, approx_ids) * approx_ok).sum(-1)
+        values = torch.stack([recall.to(error.dtype).expand_as(error), error, exact_mass, approx_mass])
+        sums = self._device_sums[call.layer]
+        if counted is True:  # a decode step with enough keys: every head counts once
+            sums[0] += size * query.shape[0]
+            sums[1:] += values.sum(dim=(1, 3))
+        else:
+            counted = counted.expand_as(error)
+            sums[0] += counted.sum(dim=(0, 2))
+            # where(), not a product with the count mask: a padding row's output may be NaN.
+            sums[1:] += torch.where(counted, values, 0.0).sum(dim=(1, 3))
+        self._add_mass_curve(call.layer, logits, lse, counted, k_len - q_len + start)
+        if real is not None:
+            approx_out = torch.where(real[..., None], approx_out, exact_out)
+        return approx_out
 
-        stats = self.stats
-        layer = call.layer
-        stats.queries[layer] += counted.sum(dim=(0, 2)).double().cpu()
-        for name, values in zip(ApproxStats.FIELDS, (recall, error, exact_mass, approx_mass)):
-            # where(), not a product with the count mask: a padding row's backend output may be NaN.
-            stats.sums[name][layer] += torch.where(counted, values.double(), 0.0).sum(dim=(0, 2)).cpu()
-        self._add_mass_curve(layer, probs, counted, start)
-        return torch.where(real[..., None], approx_out, exact_out)
-
-    def _add_mass_curve(self, layer: int, probs: torch.Tensor, counted: torch.Tensor, start: int) -> None:
-        """Mass held by the top 1, 2, 4 ... 1024 keys, on every `curve_stride`-th query (sorting is the costly part)."""
-        rows = torch.arange(start, start + probs.shape[2], device=probs.device) % self.curve_stride == 0
-        sample = counted & rows
-        if not sample.any():
+    def _add_mass_curve(
+        self, layer: int, logits: torch.Tensor, lse: torch.Tensor, counted: torch.Tensor | bool, first_position: int
+    ) -> None:
+        """Mass held by the top 1, 2, 4 ... 1024 keys, on queries at every `curve_stride`-th position (sorting is the
+        costly part, so it is sampled by absolute position: a decode step is sampled as its prefill row would be)."""
+        size = logits.shape[2]
+        offset = (-first_position) % self.curve_stride
+        if offset >= size:
             return
-        k_len = probs.shape[-1]
-        picked = probs[:, :, rows]
-        top = picked.topk(min(MASS_CURVE_K[-1], k_len), dim=-1).values.cumsum(-1)
-        points = torch.tensor([min(p, k_len) - 1 for p in MASS_CURVE_K], device=top.device)
-        curve = top.index_select(-1, points).double()
-        weight = sample[:, :, rows].double()
-        self.stats.curve_sum[layer] += torch.where(weight[..., None] > 0, curve, 0.0).sum(dim=(0, 1, 2)).cpu()
-        self.stats.curve_count[layer] += weight.sum().cpu()
+        rows = slice(offset, size, self.curve_stride)
+        width = logits.shape[-1]
+        top = logits[:, :, rows].topk(min(MASS_CURVE_K[-1], width), dim=-1).values
+        top = (top - lse[:, :, rows]).exp_().cumsum(-1)
+        curve = top[..., [min(p, width) - 1 for p in MASS_CURVE_K]]
+        if counted is True:
+            self._device_curve[layer, 0] += curve.shape[0] * curve.shape[1] * curve.shape[2]
+            self._device_curve[layer, 1:] += curve.sum(dim=(0, 1, 2))
+            return
+        sample = counted.expand(*logits.shape[:3])[:, :, rows]
+        self._device_curve[layer, 0] += sample.sum()
+        self._device_curve[layer, 1:] += torch.where(sample[..., None], curve, 0.0).sum(dim=(0, 1, 2))
 
     def _check_approx(
-        self, query: torch.Tensor, value: torch.Tensor, approx_out: torch.Tensor, ids: torch.Tensor, k_len: int
+        self, layer: int, query: torch.Tensor, value: torch.Tensor, approx_out: torch.Tensor, ids: torch.Tensor,
+        k_len: int,
     ) -> None:
+        """Shapes on every call (free); the id range once per layer, since reading it back is a device sync."""
         expected = (*query.shape[:3], value.shape[-1])
         if tuple(approx_out.shape) != expected:
             raise UserInputError(
@@ -253,16 +354,38 @@ class ApproxProbe:
                 f"approx function {self.approx_name} returned topk_ids of shape {tuple(ids.shape)} ({ids.dtype}); "
                 f"expected integer ids of shape (B, Hq, Q, k) = {(*expected[:3], self.topk)}"
             )
+        if layer in self._range_checked:
+            return
+        self._range_checked.add(layer)
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= k_len):
             raise UserInputError(
                 f"approx function {self.approx_name} returned key ids outside 0..{k_len - 1}; ids index the keys"
             )
 
 
-def _first_occurrence(ids: torch.Tensor) -> torch.Tensor:
-    """Bool like `ids`: False where an id repeats an earlier one in its row, so duplicates count once."""
-    earlier = torch.ones(ids.shape[-1], ids.shape[-1], dtype=torch.bool, device=ids.device).tril(-1)
-    return ~((ids[..., :, None] == ids[..., None, :]) & earlier).any(-1)
+def _set_metrics(
+    approx_ids: torch.Tensor,
+    exact_ids: torch.Tensor,
+    exact_ok: torch.Tensor,
+    logits: torch.Tensor,
+    lse: torch.Tensor,
+    is_visible: Callable[[torch.Tensor], torch.Tensor],
+    denominator: torch.Tensor | int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Recall@k and exact-softmax mass of an approximation's id set (repeats and invisible ids count nothing).
+
+    Order does not matter to a set: the ids are sorted, so repeats sit side by side and membership in the exact
+    top-k is a binary search, O(k log k) per query where a pairwise comparison would be O(k^2).
+    """
+    approx_ids = approx_ids.long().sort(dim=-1).values
+    first = torch.ones_like(approx_ids, dtype=torch.bool)
+    first[..., 1:] = approx_ids[..., 1:] != approx_ids[..., :-1]
+    approx_ok = first & is_visible(approx_ids)
+    picked = logits.gather(-1, approx_ids.clamp(0, logits.shape[-1] - 1))
+    exact_sorted = exact_ids.masked_fill(~exact_ok, -1).sort(dim=-1).values.contiguous()
+    slot = torch.searchsorted(exact_sorted, approx_ids.contiguous()).clamp_(max=exact_ids.shape[-1] - 1)
+    hits = (exact_sorted.gather(-1, slot) == approx_ids) & approx_ok
+    return hits.sum(-1) / denominator, torch.where(approx_ok, (picked - lse).exp(), 0.0).sum(-1)
 
 
 def nan_to_none(values: torch.Tensor) -> list:
@@ -300,3 +423,5 @@ class HeadMask:
         output = output.clone()  # (B, Q, Hq, D)
         output[:, :, heads.to(output.device)] = 0
         return output
+
+

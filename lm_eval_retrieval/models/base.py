@@ -18,7 +18,8 @@ from ..attention.hook import check_base_attn, install_hook
 from ..attention.probes import HeadMask
 from ..errors import UserInputError
 from ..report.files import check_writable
-from .aliases import resolve_model
+from .aliases import ResolvedModel, converted, is_local_model, resolve_model
+from .gguf_cache import loads_cleanly
 from .masking import by_layer, select_heads
 from .quantize import quantization_config
 from .resume import take_over_from_caching_lm
@@ -43,6 +44,60 @@ def output_dir_from_argv(argv: list[str] | None = None) -> str | None:
     if path and path.endswith(".json"):
         path = os.path.dirname(path) or "."
     return path
+
+
+def load_error(error: BaseException, pretrained: str, resolved: ResolvedModel) -> BaseException:
+    """`from_pretrained`'s failure as one line: a hub id that is not there or cannot be reached, or a bad file."""
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    chain: list[BaseException] = []
+    link: BaseException | None = error
+    while link is not None and link not in chain and len(chain) < 20:
+        chain.append(link)
+        link = link.__cause__ or link.__context__
+
+    def first(*types: type) -> BaseException | None:
+        return next((link for link in chain if isinstance(link, types)), None)
+
+    def first_line(link: BaseException) -> str:
+        return (str(link).strip().splitlines() or [type(link).__name__])[0][:200]
+
+    network = next(
+        (link for link in chain if type(link).__module__.split(".")[0] in ("httpx", "httpx2", "requests", "urllib3")
+         and not hasattr(link, "response")), None,
+    ) or first(OfflineModeIsEnabled, LocalEntryNotFoundError, ConnectionError, TimeoutError)
+    if not is_local_model(pretrained):
+        if first(GatedRepoError):
+            return UserInputError(
+                f"model {pretrained!r} on the Hugging Face hub is gated: accept its terms on its page and log in with "
+                "`hf auth login` (or set HF_TOKEN)"
+            )
+        if first(RepositoryNotFoundError):
+            return UserInputError(
+                f"model {pretrained!r} was not found on the Hugging Face hub; check the spelling (org/name), or log in "
+                "with `hf auth login` if it is private"
+            )
+        if first(RevisionNotFoundError):
+            return UserInputError(f"model {pretrained!r} has no such revision on the Hugging Face hub; check revision=")
+        if network is not None:
+            return UserInputError(
+                f"cannot download model {pretrained!r} from the Hugging Face hub ({type(network).__name__}: "
+                f"{first_line(network)}); run `hf download {pretrained}` where there is a network (older huggingface_hub: "
+                "`huggingface-cli download`), or give a local path"
+            )
+    if not isinstance(error, (OSError, ValueError, EOFError, KeyError, struct.error)):
+        return error  # not a load failure the user can fix: keep the traceback
+    where = os.path.join(resolved.pretrained, resolved.gguf_file or "")
+    return UserInputError(
+        f"cannot load the model at {where!r} ({type(error).__name__}: {first_line(error)}); check that the file is a "
+        "complete, uncorrupted model (re-copy it)"
+    )
 
 
 def as_bool(value: Any) -> bool:
@@ -84,26 +139,33 @@ class HookedHFLM(HFLM):
         resolved = resolve_model(str(pretrained), gguf_file)
         self._quantization = None
         if quantize not in (None, "", "none", "None"):
-            self._quantization = quantization_config(quantize, resolved.gguf_file, kwargs.get("dtype"))
+            self._quantization = quantization_config(
+                quantize, resolved.gguf_file or resolved.source_gguf, kwargs.get("dtype")
+            )
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        try:
-            super().__init__(
-                pretrained=resolved.pretrained,
-                gguf_file=resolved.gguf_file,
-                device=device,
-                attn_implementation=base_attn,
-                **kwargs,
-            )
-        except UserInputError:
-            raise
-        except (OSError, ValueError, EOFError, KeyError, struct.error) as error:  # unreadable weights or config
-            where = os.path.join(resolved.pretrained, resolved.gguf_file or "")
-            first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
-            raise UserInputError(
-                f"cannot load the model at {where!r} ({type(error).__name__}: {first_line}); check that the file is a "
-                "complete, uncorrupted model (re-copy it)"
-            ) from error
+        for attempt in (1, 2):
+            try:
+                super().__init__(
+                    pretrained=resolved.pretrained,
+                    gguf_file=resolved.gguf_file,
+                    device=device,
+                    attn_implementation=base_attn,
+                    **kwargs,
+                )
+                break
+            except UserInputError:
+                raise
+            except Exception as error:  # unreadable weights or config, or a hub id that cannot be downloaded
+                if attempt == 1 and resolved.source_gguf and not loads_cleanly(resolved.pretrained):
+                    # the cached conversion is broken: rebuild it from the GGUF, once
+                    log.warning("the cached copy of %s did not load (%s); converting it again", resolved.name, error)
+                    resolved = converted(resolved.source_gguf, resolved.name, rebuild=True)
+                    continue
+                wrapped = load_error(error, str(pretrained), resolved)
+                if wrapped is error:
+                    raise
+                raise wrapped from error
         self.model_name = resolved.name
         self.pretrained_arg = str(pretrained)
         self.base_attn = base_attn
@@ -151,13 +213,19 @@ class HookedHFLM(HFLM):
 
     @staticmethod
     def _take_mask_args(kwargs: dict[str, Any]) -> dict[str, Any]:
-        """Pull the masking args out of kwargs; `mask_heads=16-19,11-15` arrives split at the comma by lm-eval."""
+        """Pull the masking args out of kwargs.
+
+        Heads are written `mask_heads=16-19;11-15`: lm-eval splits model_args at commas (its `lm_eval run` parser
+        refuses `mask_heads=16-19,11-15` outright). The comma form still works where a parser lets it through
+        (`simple_parse_args_string`, as in `simple_evaluate(model_args=...)`): it arrives as keys `11-15` with no
+        value, put back here.
+        """
         taken = {name: kwargs.pop(name) for name in MASK_ARGS if name in kwargs}
         extra = [key for key, value in list(kwargs.items()) if HEAD_KEY.match(str(key)) and value in ("", None)]
         if extra:
             if "mask_heads" not in taken:
-                raise UserInputError(f"model_args key(s) {', '.join(extra)} look like heads: write mask_heads={','.join(extra)}")
-            taken["mask_heads"] = ",".join([str(taken["mask_heads"]), *extra])
+                raise UserInputError(f"model_args key(s) {', '.join(extra)} look like heads: write mask_heads={';'.join(extra)}")
+            taken["mask_heads"] = ";".join([str(taken["mask_heads"]), *extra])
             for key in extra:
                 kwargs.pop(key)
         return taken

@@ -187,8 +187,11 @@ class RetrievalHeadLM(HookedHFLM):
         state = self.hook_state
         probe = RetrievalScoreProbe(state.num_layers, state.num_heads)
         cache = DynamicCache(config=self.model.config)
+        import inspect  # transformers 5.24 renamed `past_key_values` to `cache` (the old name warns, gone in 5.40)
+
+        with_cache = {"cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values": cache}
         # The prefill runs unprobed: scores are only needed for the queries that produce answer tokens.
-        self.model(prompt_ids[None, :-1], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        self.model(prompt_ids[None, :-1], **with_cache, use_cache=True, logits_to_keep=1)
         stop_ids = self._stop_token_ids()
         token = prompt_ids[None, -1:]
         position = prompt_ids.numel() - 1
@@ -196,7 +199,7 @@ class RetrievalHeadLM(HookedHFLM):
         state.probes.append(probe)
         try:
             for _ in range(max_new):
-                logits = self.model(token, past_key_values=cache, use_cache=True).logits
+                logits = self.model(token, **with_cache, use_cache=True).logits
                 next_token = logits[0, -1].argmax()
                 tracker.update(position - probe.take_step(), next_token)
                 token_id = int(next_token)

@@ -13,7 +13,7 @@ HEAD = re.compile(r"^\s*(\d+)-(\d+)\s*$")
 
 
 def parse_head_list(text: str, shape: tuple[int, int]) -> list[tuple[int, int]]:
-    """'16-19,11-15' (also ';' or space separated) -> [(16, 19), (11, 15)], checked against (layers, heads)."""
+    """'16-19;11-15' (as model_args write it; ',' or spaces work too) -> [(16, 19), (11, 15)], checked against shape."""
     heads = []
     for part in re.split(r"[,;\s]+", str(text).strip()):
         if not part:

@@ -180,9 +180,10 @@ class RetApproxLM(HookedHFLM):
         if self.rank != 0:
             return
         from ..report.recall import write_recall_reports
+        from ..report.recall_stats import RecallStats
 
         self._all_stats = ApproxStats.total(gathered)
-        stats = self.recall_stats()
+        stats = RecallStats.from_dict(self.recall_stats(), "ret-approx-hf statistics")  # checked once, here
         counted = int(self._all_stats.queries.sum())
         if counted == 0:
             log.warning(

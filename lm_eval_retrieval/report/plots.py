@@ -5,6 +5,9 @@ no global state leaks between calls or into a notebook), and :func:`save_png` wr
 (heads that counted no query, padding where layers have fewer heads) are drawn as grey cells or left out of a curve;
 nothing here raises on them.
 
+They take a :class:`~lm_eval_retrieval.report.recall_stats.RecallStats`, checked once where the statistics entered
+(a plain dict is accepted too, and checked on the way in).
+
 File names (as the original tool named the first two): ``exact_topk_attn_ratio.png``, ``approx_topk_attn_ratio.png``,
 ``recall_heatmap.png``, ``topk_mass_curve.png``.
 """
@@ -14,7 +17,6 @@ from __future__ import annotations
 import io
 import math
 import os
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Union
 
@@ -27,7 +29,7 @@ from matplotlib.ticker import FixedLocator, MaxNLocator, NullLocator
 
 from lm_eval_retrieval.errors import UserInputError
 from lm_eval_retrieval.report.files import atomic_write
-from lm_eval_retrieval.report.recall import validate_recall_stats
+from lm_eval_retrieval.report.recall_stats import RecallStats, as_recall_stats
 
 __all__ = [
     "EXACT_MASS_FILE",
@@ -63,19 +65,17 @@ def _new_figure(width: float, height: float) -> Figure:
     return fig
 
 
-def _run_label(stats: Mapping[str, Any]) -> str:
-    mode = "layerwise" if stats["layerwise_topk_analysis"] else "end-to-end"
-    return f"{stats['model']}, {stats['approx']}, {mode}"
+def _run_label(stats: RecallStats) -> str:
+    mode = "layerwise" if stats.layerwise_topk_analysis else "end-to-end"
+    return f"{stats.model}, {stats.approx}, {mode}"
 
 
-def head_grid(stats: Any, key: str) -> np.ndarray:
+def head_grid(stats: RecallStats, key: str) -> np.ndarray:
     """``layers x max_heads`` float array of a per-head statistic; NaN for None and for padding (fewer heads)."""
-    stats = validate_recall_stats(stats)
-    layers = stats["layers"]
-    heads = max(len(layer["queries"]) for layer in layers)
-    grid = np.full((len(layers), heads), np.nan, dtype=float)
-    for row, layer in enumerate(layers):
-        for col, value in enumerate(layer[key]):
+    stats = as_recall_stats(stats)
+    grid = np.full((len(stats.layers), stats.max_heads), np.nan, dtype=float)
+    for row, layer in enumerate(stats.layers):
+        for col, value in enumerate(layer.values(key)):
             if value is not None:
                 grid[row, col] = value
     return grid
@@ -125,12 +125,12 @@ def heatmap_figure(
     return fig
 
 
-def topk_mass_heatmap(stats: Any, which: str = "exact") -> Figure:
+def topk_mass_heatmap(stats: RecallStats, which: str = "exact") -> Figure:
     """Layer x head heatmap of the attention mass (exact softmax) held by the exact or approximate top-k ids, 0-1."""
     if which not in ("exact", "approx"):
         raise UserInputError(f"which must be 'exact' or 'approx', got {which!r}; pick one of the two")
-    stats = validate_recall_stats(stats)
-    k = stats["topk"]
+    stats = as_recall_stats(stats)
+    k = stats.topk
     adjective = "exact" if which == "exact" else "approximate"
     return heatmap_figure(
         head_grid(stats, f"{which}_topk_mass"),
@@ -140,23 +140,23 @@ def topk_mass_heatmap(stats: Any, which: str = "exact") -> Figure:
     )
 
 
-def recall_heatmap(stats: Any) -> Figure:
+def recall_heatmap(stats: RecallStats) -> Figure:
     """Layer x head heatmap of Recall@k (approximate ids vs exact top-k), 0-1."""
-    stats = validate_recall_stats(stats)
-    k = stats["topk"]
+    stats = as_recall_stats(stats)
+    k = stats.topk
     return heatmap_figure(
         head_grid(stats, "recall"), f"Recall@{k} of retrieved keys vs exact top-{k}", f"Recall@{k}",
         subtitle=_run_label(stats),
     )
 
 
-def mass_curve(stats: Any) -> Figure:
+def mass_curve(stats: RecallStats) -> Figure:
     """Attention mass captured by the top-k keys against k (log2 x axis), one line per layer, dotted line at k."""
-    stats = validate_recall_stats(stats)
-    ks = stats["mass_curve"]["k"]
-    rows = stats["mass_curve"]["mass"]
+    stats = as_recall_stats(stats)
+    ks = stats.mass_k
+    rows = stats.mass
     layers = len(rows)
-    topk = stats["topk"]
+    topk = stats.topk
     fig = _new_figure(8.0, 5.0)
     ax = fig.add_subplot(1, 1, 1)
     colours = colormaps["viridis"]
@@ -213,9 +213,9 @@ def save_png(fig: Figure, path: PathLike) -> Path:
     return target
 
 
-def write_recall_plots(stats: Any, out_dir: PathLike) -> list[Path]:
+def write_recall_plots(stats: RecallStats, out_dir: PathLike) -> list[Path]:
     """Draw and write the four PNGs of a run into ``out_dir``; returns their paths in a fixed order."""
-    stats = validate_recall_stats(stats)
+    stats = as_recall_stats(stats)
     folder = Path(out_dir)
     jobs = (
         (EXACT_MASS_FILE, lambda: topk_mass_heatmap(stats, "exact")),

@@ -1,15 +1,9 @@
 """Recall@k reports for ``ret-approx-hf``: per-layer tables, the statistics file and the plots that go with them.
 
 The measurement (``ret-approx-hf``) produces one statistics dict per run, which is also the content of
-``recall_stats.json``::
-
-    {"model": "smollm2-135m", "approx": "exact_topk", "topk": 10, "layerwise_topk_analysis": True,
-     "min_visible_keys": 100,
-     "layers": [{"layer": 0, "module": "model.layers.0.self_attn",
-                 "queries": [120, ...],            # per head; 0 => that head's values are None
-                 "recall": [1.0, ...], "error_norm": [...], "exact_topk_mass": [...], "approx_topk_mass": [...]},
-                ...],
-     "mass_curve": {"k": [1, 2, 4, ..., 1024], "mass": [[...] per layer]}}
+``recall_stats.json`` (its shape: ``report/recall_stats.py``). It is checked once where it enters, from the probe or
+from a file, and becomes a :class:`~lm_eval_retrieval.report.recall_stats.RecallStats`; the functions here take that
+value (a dict is accepted too and checked on the way in).
 
 This module turns it into the table the original tool's users know (``Layer | Mean Recall | Std Recall | Mean Error
 Norm | Std Error Norm``, mean and population std across heads, plus the attention mass of the exact and approximate
@@ -33,12 +27,20 @@ import pandas as pd
 
 from lm_eval_retrieval.errors import UserInputError
 from lm_eval_retrieval.report.files import atomic_write
+from lm_eval_retrieval.report.recall_stats import (
+    PER_HEAD_KEYS,
+    STATS_FILE,
+    RecallStats,
+    _where,
+    as_recall_stats,
+)
 
 __all__ = [
     "STATS_FILE",
     "TABLE_FILE",
     "PER_HEAD_KEYS",
     "TABLE_COLUMNS",
+    "RecallStats",
     "validate_recall_stats",
     "layer_table",
     "format_recall_table",
@@ -53,15 +55,8 @@ __all__ = [
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-#: File names inside a report folder.
-STATS_FILE = "recall_stats.json"
+#: The table file inside a report folder (the statistics file is ``STATS_FILE``).
 TABLE_FILE = "recall_table.md"
-
-#: Per-head lists every layer entry carries (``queries`` first: it says which heads counted).
-PER_HEAD_KEYS = ("queries", "recall", "error_norm", "exact_topk_mass", "approx_topk_mass")
-_VALUE_KEYS = PER_HEAD_KEYS[1:]
-
-_REQUIRED_KEYS = ("model", "approx", "topk", "layerwise_topk_analysis", "layers", "mass_curve")
 
 #: Column name -> (statistics key, aggregate) for :func:`layer_table`, in table order.
 _COLUMN_SPEC = (
@@ -75,202 +70,45 @@ _COLUMN_SPEC = (
 TABLE_COLUMNS = tuple(name for name, _, _ in _COLUMN_SPEC)
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# validation
-
-
-def _where(path: Any) -> str:
-    """A path or label as it goes into an error message: one line, whatever the name holds."""
-    return str(path).replace("\n", "\\n").replace("\r", "\\r")
-
-
-def _short(value: Any, limit: int = 40) -> str:
-    """A repr short enough to keep an error message on one line."""
-    text = repr(value).replace("\n", " ").replace("\r", " ")
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _is_real(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
-
-
-def _count(where: str, what: str, value: Any, positive: bool = False) -> int:
-    """A non-negative (or positive) integer, also accepted as an integral float (``120.0``) or numpy integer."""
-    ok = _is_real(value) and math.isfinite(float(value)) and float(value).is_integer()
-    if ok:
-        number = int(value)
-        if number > 0 or (number == 0 and not positive):
-            return number
-    need = "a positive integer" if positive else "a non-negative integer"
-    raise UserInputError(f"{where}: {what} is {_short(value)}, expected {need}; fix or regenerate the statistics")
-
-
-def _value(where: str, what: str, value: Any) -> float | None:
-    """A finite number, or None for 'not measured' (NaN is read as None: it means the same thing)."""
-    if value is None:
-        return None
-    if _is_real(value):
-        number = float(value)
-        if math.isnan(number):
-            return None
-        if math.isfinite(number):
-            return number
-    raise UserInputError(
-        f"{where}: {what} is {_short(value)}, expected a finite number or null; fix or regenerate the statistics"
-    )
-
-
-def _layer_name(index: int, entry: Mapping[str, Any]) -> str:
-    module = entry.get("module") if isinstance(entry, Mapping) else None
-    return f"layer {index} ({module!r})" if isinstance(module, str) else f"layer {index}"
-
-
 def validate_recall_stats(stats: Any, where: Any = "recall statistics") -> dict[str, Any]:
     """Check a statistics dict and return a normalised copy (plain ints/floats, NaN -> None, defaults filled in).
 
-    Raises a one-line :class:`UserInputError` that starts with ``where`` (a path when the stats came from a file)
-    for anything missing or malformed. Layers may have different head counts (some models do); every per-head list
-    of one layer must have the same length, and the mass curve needs one row per layer and one value per k.
+    The dict form of :meth:`RecallStats.from_dict` (which raises the one-line errors), for callers that want a dict;
+    a :class:`RecallStats` is turned back into its dict without being checked again.
     """
-    where = _where(where)
-    if not isinstance(stats, Mapping):
-        raise UserInputError(
-            f"{where}: expected a JSON object of recall statistics, found {type(stats).__name__}; "
-            f"give a {STATS_FILE} written by ret-approx-hf"
-        )
-    missing = [key for key in _REQUIRED_KEYS if key not in stats]
-    if missing:
-        raise UserInputError(
-            f"{where}: missing key(s) {', '.join(missing)}; give a {STATS_FILE} written by ret-approx-hf"
-        )
-    topk = _count(where, "topk", stats["topk"], positive=True)
-    min_visible = stats.get("min_visible_keys", 10 * topk)
-    min_visible = 10 * topk if min_visible is None else _count(where, "min_visible_keys", min_visible)
-    layerwise = stats["layerwise_topk_analysis"]
-    if not isinstance(layerwise, (bool, np.bool_)):
-        raise UserInputError(
-            f"{where}: layerwise_topk_analysis is {_short(layerwise)}, expected true or false; fix the statistics"
-        )
-
-    raw_layers = stats["layers"]
-    if not isinstance(raw_layers, Sequence) or isinstance(raw_layers, (str, bytes)) or len(raw_layers) == 0:
-        raise UserInputError(
-            f"{where}: 'layers' must be a non-empty list (one entry per attention module), found {_short(raw_layers)}; "
-            f"rerun the measurement"
-        )
-    layers: list[dict[str, Any]] = []
-    for index, entry in enumerate(raw_layers):
-        name = _layer_name(index, entry)
-        if not isinstance(entry, Mapping):
-            raise UserInputError(f"{where}: {name} is {type(entry).__name__}, expected an object; fix the statistics")
-        lacking = [key for key in ("module", *PER_HEAD_KEYS) if key not in entry]
-        if lacking:
-            raise UserInputError(f"{where}: {name} lacks key(s) {', '.join(lacking)}; rerun the measurement")
-        if not isinstance(entry["module"], str) or not entry["module"]:
-            raise UserInputError(
-                f"{where}: {name} has module {_short(entry['module'])}, expected a module name; fix the statistics"
-            )
-        lists = {}
-        for key in PER_HEAD_KEYS:
-            value = entry[key]
-            if not isinstance(value, Sequence) or isinstance(value, (str, bytes)):
-                raise UserInputError(
-                    f"{where}: {name} {key} is {_short(value)}, expected a list with one value per head; "
-                    f"fix the statistics"
-                )
-            lists[key] = list(value)
-        heads = len(lists["queries"])
-        if heads == 0:
-            raise UserInputError(f"{where}: {name} has no heads (empty 'queries' list); rerun the measurement")
-        for key in _VALUE_KEYS:
-            if len(lists[key]) != heads:
-                raise UserInputError(
-                    f"{where}: {name} has {len(lists[key])} {key} value(s) but {heads} query counts; "
-                    f"every per-head list must have one value per head"
-                )
-        out: dict[str, Any] = {"layer": entry.get("layer", index), "module": entry["module"]}
-        out["queries"] = [_count(where, f"{name} queries[{h}]", q) for h, q in enumerate(lists["queries"])]
-        for key in _VALUE_KEYS:
-            values = [_value(where, f"{name} {key}[{h}]", v) for h, v in enumerate(lists[key])]
-            # A head that counted no query has no measurement, whatever number the list holds.
-            out[key] = [v if q > 0 else None for v, q in zip(values, out["queries"])]
-        layers.append(out)
-
-    curve = stats["mass_curve"]
-    if not isinstance(curve, Mapping) or "k" not in curve or "mass" not in curve:
-        raise UserInputError(
-            f"{where}: 'mass_curve' must be an object with 'k' and 'mass' lists, found {_short(curve)}; "
-            f"rerun the measurement"
-        )
-    ks_raw, mass_raw = curve["k"], curve["mass"]
-    if not isinstance(ks_raw, Sequence) or isinstance(ks_raw, (str, bytes)) or len(ks_raw) == 0:
-        raise UserInputError(f"{where}: mass_curve k is {_short(ks_raw)}, expected a non-empty list of key counts")
-    ks = [_count(where, f"mass_curve k[{i}]", k, positive=True) for i, k in enumerate(ks_raw)]
-    if any(b <= a for a, b in zip(ks, ks[1:])):
-        raise UserInputError(f"{where}: mass_curve k {_short(ks)} is not strictly increasing; fix the statistics")
-    if not isinstance(mass_raw, Sequence) or isinstance(mass_raw, (str, bytes)) or len(mass_raw) != len(layers):
-        count = len(mass_raw) if isinstance(mass_raw, Sequence) and not isinstance(mass_raw, (str, bytes)) else None
-        raise UserInputError(
-            f"{where}: mass_curve mass has {count if count is not None else 'no'} row(s) for {len(layers)} layers; "
-            f"it needs one row per layer"
-        )
-    mass: list[list[float | None]] = []
-    for index, row in enumerate(mass_raw):
-        if not isinstance(row, Sequence) or isinstance(row, (str, bytes)) or len(row) != len(ks):
-            raise UserInputError(
-                f"{where}: mass_curve mass row {index} is {_short(row)}, expected {len(ks)} values (one per k)"
-            )
-        mass.append([_value(where, f"mass_curve mass[{index}][{i}]", v) for i, v in enumerate(row)])
-
-    normalised = {key: value for key, value in stats.items() if key not in ("layers", "mass_curve")}
-    normalised.update(
-        {
-            "model": str(stats["model"]),
-            "approx": str(stats["approx"]),
-            "topk": topk,
-            "layerwise_topk_analysis": bool(layerwise),
-            "min_visible_keys": min_visible,
-            "layers": layers,
-            "mass_curve": {"k": ks, "mass": mass},
-        }
-    )
-    return normalised
+    return as_recall_stats(stats, where).to_dict()
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # tables
 
 
-def total_queries(stats: Mapping[str, Any]) -> int:
-    """All counted (query, head, layer) measurements of a validated statistics dict."""
-    return sum(sum(layer["queries"]) for layer in stats["layers"])
-
-
-def _per_head_counts(stats: Mapping[str, Any]) -> list[int]:
-    return [q for layer in stats["layers"] for q in layer["queries"] if q > 0]
+def total_queries(stats: Any) -> int:
+    """All counted (query, head, layer) measurements."""
+    return as_recall_stats(stats).total_queries
 
 
 def run_summary(stats: Any) -> str:
     """One line naming the run: model, approximation, k, layerwise mode and how many queries were counted."""
-    stats = validate_recall_stats(stats)
-    counts = _per_head_counts(stats)
+    stats = as_recall_stats(stats)
+    counts = stats.head_counts()
     if counts:
         low, high = min(counts), max(counts)
         per_head = f"{low} per counted head" if low == high else f"{low}-{high} per counted head"
     else:
         per_head = "none"
     return (
-        f"Model {stats['model']}, approximation {stats['approx']}, k={stats['topk']}, "
-        f"layerwise_topk_analysis={stats['layerwise_topk_analysis']}: "
-        f"{total_queries(stats)} queries counted over all layers and heads ({per_head}; "
-        f"queries with fewer than {stats['min_visible_keys']} visible keys are not counted)."
+        f"Model {stats.model}, approximation {stats.approx}, k={stats.topk}, "
+        f"layerwise_topk_analysis={stats.layerwise_topk_analysis}: "
+        f"{stats.total_queries} queries counted over all layers and heads ({per_head}; "
+        f"queries with fewer than {stats.min_visible_keys} visible keys are not counted)."
     )
 
 
 def nothing_counted_message(stats: Any) -> str:
     """The one-line explanation for a run where no query had enough visible keys to be measured."""
-    stats = validate_recall_stats(stats)
-    k, need = stats["topk"], stats["min_visible_keys"]
+    stats = as_recall_stats(stats)
+    k, need = stats.topk, stats.min_visible_keys
     rule = f"10*k with k={k}" if need == 10 * k else f"min_visible_keys with k={k}"
     return (
         f"No query had at least {need} visible keys ({rule}), so nothing was measured: "
@@ -291,14 +129,14 @@ def layer_table(stats: Any) -> pd.DataFrame:
     Columns: ``Mean Recall | Std Recall | Mean Error Norm | Std Error Norm | Exact Top-k Mass | Approx Top-k Mass``.
     Heads whose value is None (no query counted) are skipped; a layer where no head counted gets NaN.
     """
-    stats = validate_recall_stats(stats)
+    stats = as_recall_stats(stats)
     rows = []
-    for layer in stats["layers"]:
+    for layer in stats.layers:
         row = {}
         for column, key, how in _COLUMN_SPEC:
-            row[column] = _aggregate([v for v in layer[key] if v is not None], how)
+            row[column] = _aggregate([v for v in layer.values(key) if v is not None], how)
         rows.append(row)
-    index = pd.Index([layer["module"] for layer in stats["layers"]], name="Layer")
+    index = pd.Index([layer.module for layer in stats.layers], name="Layer")
     return pd.DataFrame(rows, index=index, columns=list(TABLE_COLUMNS), dtype=float)
 
 
@@ -332,9 +170,9 @@ def format_recall_table(stats: Any) -> str:
     When no query was counted anywhere, the summary line is followed by :func:`nothing_counted_message` instead of a
     table of n/a. Layers where no head counted show ``n/a`` and are explained under the table.
     """
-    stats = validate_recall_stats(stats)
+    stats = as_recall_stats(stats)
     lines = [run_summary(stats), ""]
-    if total_queries(stats) == 0:
+    if stats.total_queries == 0:
         lines.append(nothing_counted_message(stats))
         return "\n".join(lines)
     table = layer_table(stats)
@@ -343,7 +181,7 @@ def format_recall_table(stats: Any) -> str:
     if empty:
         lines.append("")
         lines.append(
-            f"n/a: {len(empty)} layer(s) counted no query (fewer than {stats['min_visible_keys']} visible keys)."
+            f"n/a: {len(empty)} layer(s) counted no query (fewer than {stats.min_visible_keys} visible keys)."
         )
     return "\n".join(lines)
 
@@ -354,6 +192,8 @@ def format_recall_table(stats: Any) -> str:
 
 def to_json_safe(value: Any) -> Any:
     """A deep copy that ``json.dumps(..., allow_nan=False)`` accepts: numpy scalars/arrays to Python, NaN/inf to None."""
+    if isinstance(value, RecallStats):
+        return to_json_safe(value.to_dict())
     if isinstance(value, Mapping):
         return {str(key): to_json_safe(item) for key, item in value.items()}
     if isinstance(value, np.ndarray):
@@ -385,7 +225,7 @@ def write_recall_reports(stats: Any, out_dir: PathLike) -> list[Path]:
     PNGs: ``exact_topk_attn_ratio.png``, ``approx_topk_attn_ratio.png`` (as the original named them),
     ``recall_heatmap.png`` and ``topk_mass_curve.png``. Every file is written atomically.
     """
-    validate_recall_stats(stats)  # before anything is written
+    stats = as_recall_stats(stats)  # before anything is written; a RecallStats is already checked
     folder = _check_out_dir(out_dir)
     table_path = folder / TABLE_FILE
     stats_path = folder / STATS_FILE
@@ -427,12 +267,12 @@ def _find_stats_file(run: Path, where: str) -> Path:
     )
 
 
-def load_recall_stats(run: PathLike) -> dict[str, Any]:
+def load_recall_stats(run: PathLike) -> RecallStats:
     """Load and validate ``recall_stats.json`` from a run folder, its subfolders one level down, or the file itself.
 
     lm-eval writes results into ``<output_path>/<model>/``, so a folder without the file is searched one level
     down; several candidates there are an error (say which run). Every problem is a one-line UserInputError naming
-    the path. Returns the normalised statistics (see :func:`validate_recall_stats`).
+    the path. Returns the checked statistics (``RecallStats.to_dict()`` gives the dict).
     """
     where = _where(run)
     path = _find_stats_file(Path(run), where)
@@ -451,4 +291,4 @@ def load_recall_stats(run: PathLike) -> dict[str, Any]:
     except ValueError as exc:
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UserInputError(f"{where} is not valid JSON ({detail}); give a {STATS_FILE} written by ret-approx-hf") from None
-    return validate_recall_stats(raw, where)
+    return RecallStats.from_dict(raw, where)

@@ -10,14 +10,21 @@ from __future__ import annotations
 
 import torch
 
-from .common import attend_over_ids, masked_logits, module_softcap
+from ..topk import row_topk
+from .common import attend_over_picked, module_softcap
 
 DEFAULT_BITS = 16
 
 
-def _hyperplanes(dim: int, bits: int, seed: int, device: torch.device) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(dim, bits, generator=generator).to(device)
+def _hyperplanes(module: torch.nn.Module, dim: int, bits: int, device: torch.device) -> torch.Tensor:
+    """The layer's (dim, bits) random hyperplanes, seeded by layer and drawn once (not at every decode step)."""
+    key = (dim, bits, device)
+    cached = getattr(module, "_simhash_planes", None)
+    if cached is None or cached[0] != key:
+        seed = 1000 + int(getattr(module, "_lmr_layer", 0))
+        planes = torch.randn(dim, bits, generator=torch.Generator().manual_seed(seed)).to(device)
+        module._simhash_planes = cached = (key, planes)
+    return cached[1]
 
 
 def simhash(
@@ -30,13 +37,17 @@ def simhash(
     topk: int,
 ) -> tuple[torch.Tensor, None, torch.Tensor]:
     batch, q_heads, q_len, dim = query.shape
-    kv_heads, k_len = key.shape[1], key.shape[2]
+    kv_heads = key.shape[1]
+    # Keys after the last one any of these queries may see cannot be retrieved: score only up to it.
+    k_len = int(attention_mask.flatten(0, -2).any(0).nonzero().max()) + 1 if attention_mask.any() else 1
+    key, value, attention_mask = key[:, :, :k_len], value[:, :, :k_len], attention_mask[..., :k_len]
     bits = int(getattr(module, "_simhash_bits", DEFAULT_BITS))
-    planes = _hyperplanes(dim, bits, seed=1000 + int(getattr(module, "_lmr_layer", 0)), device=query.device)
-    query_code = torch.sign(query.float() @ planes).reshape(batch, kv_heads, q_heads // kv_heads, q_len, bits)
+    planes = _hyperplanes(module, dim, bits, query.device)
+    query_code = torch.sign(query.float() @ planes).reshape(batch, kv_heads, (q_heads // kv_heads) * q_len, bits)
     key_code = torch.sign(key.float() @ planes)
-    agreement = torch.einsum("bhgqc,bhkc->bhgqk", query_code, key_code).reshape(batch, q_heads, q_len, k_len)
+    agreement = torch.matmul(query_code, key_code.transpose(-1, -2)).view(batch, q_heads, q_len, k_len)
     recency = torch.arange(k_len, device=query.device, dtype=agreement.dtype) / (2 * k_len)  # < 1 bit: ties only
-    score = (agreement + recency).masked_fill(~attention_mask, float("-inf"))
-    ids = score.topk(min(topk, k_len), dim=-1).indices
-    return attend_over_ids(masked_logits(query, key, attention_mask, scaling, module_softcap(module)), ids, value), None, ids
+    score = (agreement + recency).masked_fill_(~attention_mask, float("-inf"))
+    ids = row_topk(score, min(topk, k_len))[1]
+    output = attend_over_picked(query, key, value, attention_mask, ids, scaling, module_softcap(module))
+    return output, None, ids

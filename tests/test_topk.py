@@ -1,0 +1,50 @@
+"""The blocked top-k (numba skip-scan on CPU, torch block candidates elsewhere) against torch.topk."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lm_eval_retrieval.attention import topk as topk_module
+from lm_eval_retrieval.attention.topk import BLOCK, row_topk
+
+
+def _scores(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    torch.manual_seed(seed)
+    scores = torch.randn(*shape) * 3
+    scores[..., -5:] = float("-inf")  # causal future keys at the end of every row
+    scores.view(-1, shape[-1])[0] = float("-inf")  # a padding row: nothing visible
+    scores.view(-1, shape[-1])[1, :-5] = float("-inf")
+    scores.view(-1, shape[-1])[1, 3] = 2.0  # a row with one visible key
+    scores.view(-1, shape[-1])[2, 40:60] = 7.0  # ties in one block
+    return scores
+
+
+def _assert_same_set(values, ids, scores, k) -> None:
+    expected = scores.topk(k, dim=-1).values
+    torch.testing.assert_close(values, expected, rtol=0, atol=0)
+    finite = values > float("-inf")
+    assert torch.equal(scores.gather(-1, ids)[finite], values[finite])
+    assert int(ids.min()) >= 0 and int(ids.max()) < scores.shape[-1]
+    for row_ids, row_ok in zip(ids.reshape(-1, k), finite.reshape(-1, k)):  # finite ids are distinct
+        assert len(set(row_ids[row_ok].tolist())) == int(row_ok.sum())
+
+
+@pytest.mark.parametrize("width", [5 * BLOCK * 10 + 7, 40 * BLOCK, 700, 33])
+@pytest.mark.parametrize("k", [1, 10])
+def test_row_topk_equals_torch_topk(width: int, k: int) -> None:
+    scores = _scores((2, 9, 40, width), seed=width + k)
+    values, ids = row_topk(scores, k)
+    _assert_same_set(values, ids, scores, k)
+
+
+@pytest.mark.parametrize("width", [5 * BLOCK * 10 + 7, 40 * BLOCK])
+def test_torch_block_path_equals_torch_topk(width: int) -> None:
+    """The path GPUs (and CPUs without numba) take."""
+    scores = _scores((1, 3, 17, width), seed=width)
+    values, ids = topk_module._block_candidates(scores, 10, width // BLOCK)
+    _assert_same_set(values, ids, scores, 10)
+
+
+def test_numba_kernel_is_used_on_cpu() -> None:
+    assert topk_module._numba_kernel() is not None, "numba is a dependency: the CPU path must not silently fall back"
