@@ -287,7 +287,7 @@ class ApproxProbe:
         else:
             if attend is None:
                 attend = visible_mask(call, start, end)
-            approx_out, _, approx_ids = call.module._approx_attn(query, call.key, call.value, attend, call.scaling, k)
+            approx_out, _, approx_ids = call.module._approx_attn(query, key, value, attend, call.scaling, k)
             self._check_approx(call.layer, query, call.value, approx_out, approx_ids, k_len)
             approx_out = approx_out.float()
             if call.attention_mask is None:  # causal: query i of the chunk sees keys up to first_own + i

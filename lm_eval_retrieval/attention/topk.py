@@ -23,7 +23,8 @@ import torch
 
 BLOCK = 32  # scores per block
 MIN_BLOCKS_PER_K = 4  # without numba, rows shorter than BLOCK * MIN_BLOCKS_PER_K * k go to torch.topk directly
-MIN_KERNEL_SCORES = 2**15  # fewer scores (a decode step's few rows) cost less in torch.topk than a kernel launch
+# Fewer rows (a decode step has one per head) cost less in torch.topk than waking a second thread pool beside torch's.
+MIN_KERNEL_ROWS = 256
 
 
 def row_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,7 +32,8 @@ def row_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     first."""
     width = scores.shape[-1]
     blocks = width // BLOCK
-    if scores.device.type == "cpu" and scores.dtype == torch.float32 and scores.numel() >= MIN_KERNEL_SCORES:
+    rows = scores.numel() // max(width, 1)
+    if scores.device.type == "cpu" and scores.dtype == torch.float32 and rows >= MIN_KERNEL_ROWS:
         kernel = _numba_kernel()
         if kernel is not None and 0 < k <= width:
             return _skip_scan(kernel, scores.contiguous(), k, blocks)

@@ -40,14 +40,15 @@ def simhash(
     kv_heads = key.shape[1]
     # Keys after the last one any of these queries may see cannot be retrieved: score only up to it.
     k_len = int(attention_mask.flatten(0, -2).any(0).nonzero().max()) + 1 if attention_mask.any() else 1
-    key, value, attention_mask = key[:, :, :k_len], value[:, :, :k_len], attention_mask[..., :k_len]
+    visible = attention_mask[..., :k_len]
     bits = int(getattr(module, "_simhash_bits", DEFAULT_BITS))
     planes = _hyperplanes(module, dim, bits, query.device)
     query_code = torch.sign(query.float() @ planes).reshape(batch, kv_heads, (q_heads // kv_heads) * q_len, bits)
-    key_code = torch.sign(key.float() @ planes)
+    key_code = torch.sign(key[:, :, :k_len].float() @ planes)
     agreement = torch.matmul(query_code, key_code.transpose(-1, -2)).view(batch, q_heads, q_len, k_len)
     recency = torch.arange(k_len, device=query.device, dtype=agreement.dtype) / (2 * k_len)  # < 1 bit: ties only
-    score = (agreement + recency).masked_fill_(~attention_mask, float("-inf"))
+    score = agreement.add_(recency).masked_fill_(~visible, float("-inf"))
     ids = row_topk(score, min(topk, k_len))[1]
+    # The full (contiguous) key and value: the ids index them the same, and whole rows are copied at once.
     output = attend_over_picked(query, key, value, attention_mask, ids, scaling, module_softcap(module))
     return output, None, ids
