@@ -39,6 +39,7 @@ test: install
 bench: install
 	$(BIN)/python benchmarks/detect_overhead.py
 	$(BIN)/python benchmarks/approx_overhead.py
+	$(BIN)/python benchmarks/generate_overhead.py
 	$(BIN)/python benchmarks/scale.py
 
 clean:
