@@ -33,8 +33,9 @@ class Probe(Protocol):
     return a replacement output (approximations hand theirs on). Either may return None to leave things as they are.
 
     A probe that scores every key anyway may also have `attend(call) -> output (B, Q, Hq, D)`: the hook then asks it
-    for the layer's exact output instead of calling the backend, so the keys are scored once, not twice. The hook
-    asks only where that output is the backend's up to float32 rounding (see `may_skip_backend`).
+    for the layer's exact output instead of calling the backend (returning None hands the call back to it). The hook
+    asks only over sdpa in float32 (see `may_skip_backend`); `ApproxProbe.attend` runs sdpa's own CPU kernel, so its
+    output is sdpa's bit for bit.
     """
 
     def before(self, call: "AttentionCall") -> torch.Tensor | None: ...
@@ -116,8 +117,8 @@ def hooked_attention(
 def may_skip_backend(module: nn.Module, call: AttentionCall) -> bool:
     """Whether a probe may compute this call's exact output itself instead of the sdpa backend.
 
-    Only where the result is the backend's up to float32 rounding, as the hook promises: float32, a causal module, no
-    dropout. transformers' sdpa backend reads nothing else from the call's keyword arguments (it refuses `softcap`
+    Only float32 calls of a causal module with no dropout, so that logits stay the backend's (the hook's promise)
+    whatever the probe computes the output with. transformers' sdpa backend reads nothing else from the call's keyword arguments (it refuses `softcap`
     and `output_attentions`, so those keep the backend and its error)."""
     kwargs = call.kwargs
     return (

@@ -423,5 +423,3 @@ class HeadMask:
         output = output.clone()  # (B, Q, Hq, D)
         output[:, :, heads.to(output.device)] = 0
         return output
-
-
