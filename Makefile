@@ -41,6 +41,7 @@ bench: install
 	$(BIN)/python benchmarks/approx_overhead.py
 	$(BIN)/python benchmarks/generate_overhead.py
 	$(BIN)/python benchmarks/scale.py
+	$(BIN)/python benchmarks/startup.py
 
 clean:
 	rm -rf build *.egg-info results

@@ -13,6 +13,10 @@ its documents with `AutoTokenizer.from_pretrained(<tokenizer or pretrained>)`, w
 `pretrained=smollm2-135m`. When `lm_eval.tasks.ruler.common_utils` is imported, its `get_tokenizer` is wrapped so that
 an alias (or a `.gguf` file) loads the tokenizer the plugin's models would load; any other name goes to RULER's own
 lookup unchanged.
+
+And it spares every `lm_eval` process the ~9 s of parsing lm-eval's own 14,000 task YAMLs: when
+`lm_eval.tasks._index` is imported, `TaskIndex.build` is wrapped to read that folder's index from the plugin's cache
+(lm_eval_retrieval/task_index_cache.py).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import sys
 
 REGISTRY_MODULE = "lm_eval.api.registry"
 RULER_MODULE = "lm_eval.tasks.ruler.common_utils"
+TASK_INDEX_MODULE = "lm_eval.tasks._index"
 
 
 class _RegistryWatcher:
@@ -102,6 +107,16 @@ def _wrap_ruler_tokenizer(module) -> None:  # type: ignore[no-untyped-def]
             pass
 
 
+def _cache_task_index(module) -> None:  # type: ignore[no-untyped-def]
+    """Serve lm-eval's index of its own ~14,000 task YAMLs from the plugin's cache (lm_eval_retrieval/task_index_cache.py)."""
+    try:
+        from lm_eval_retrieval.task_index_cache import install as install_cache
+
+        install_cache(module)
+    except Exception as error:  # never break lm-eval itself because of the plugin
+        print(f"lm-eval-retrieval: lm-eval's task index is not cached: {error}", file=sys.stderr)
+
+
 def _tasks_folder() -> str | None:
     """The plugin's task folder without importing the package: installed copy, else a checkout's `tasks/`."""
     import os
@@ -139,6 +154,7 @@ def _one_line_errors(exc_type, exc, tb):  # type: ignore[no-untyped-def]
 _AFTER_IMPORT = {
     REGISTRY_MODULE: lambda module: _register_after_registry_import(),
     RULER_MODULE: _wrap_ruler_tokenizer,
+    TASK_INDEX_MODULE: _cache_task_index,
 }
 
 
@@ -148,6 +164,8 @@ def install() -> None:
         _register_after_registry_import()
     if RULER_MODULE in sys.modules:
         _wrap_ruler_tokenizer(sys.modules[RULER_MODULE])
+    if TASK_INDEX_MODULE in sys.modules:
+        _cache_task_index(sys.modules[TASK_INDEX_MODULE])
     if not any(isinstance(f, _RegistryWatcher) for f in sys.meta_path):
         sys.meta_path.insert(0, _RegistryWatcher())
     if sys.excepthook is not _one_line_errors:

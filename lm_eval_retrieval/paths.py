@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 _PACKAGE = Path(__file__).resolve().parent
@@ -17,3 +18,15 @@ def tasks_dir() -> str:
     if installed.is_dir():
         return str(installed)
     return str(_PACKAGE.parent / "tasks")
+
+
+def cache_root() -> str:
+    """The plugin's cache: $LMR_CACHE, else $XDG_CACHE_HOME/lm-eval-retrieval, else ~/.cache/lm-eval-retrieval.
+
+    Converted models (models/gguf_cache.py) and lm-eval's task index (task_index_cache.py) live here, never in the
+    repository.
+    """
+    if os.environ.get("LMR_CACHE"):
+        return os.path.abspath(os.path.expanduser(os.environ["LMR_CACHE"]))
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(os.path.abspath(base), "lm-eval-retrieval")

@@ -34,6 +34,8 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
+from lm_eval_retrieval.paths import cache_root
+
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
@@ -42,14 +44,6 @@ FORMAT = 1  # bump when the folder's layout changes, so old folders are rebuilt
 
 class NotConvertible(OSError):
     """The GGUF cannot become a plain safetensors folder; the caller loads the GGUF itself."""
-
-
-def cache_root() -> str:
-    """Where converted models go: $LMR_CACHE, else $XDG_CACHE_HOME/lm-eval-retrieval, else ~/.cache/..."""
-    if os.environ.get("LMR_CACHE"):
-        return os.path.abspath(os.path.expanduser(os.environ["LMR_CACHE"]))
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(os.path.abspath(base), "lm-eval-retrieval")
 
 
 def file_sha256(path: str) -> str:
