@@ -79,6 +79,8 @@ def _approx(args: argparse.Namespace, passthrough: list[str]) -> int:
         f"approx={args.approx}",
         f"base_attn={args.base_attn}",
     ]
+    if args.approx_args:
+        model_args.append(f"approx_args={args.approx_args}")
     if args.model_args:
         model_args.append(args.model_args)
     lm_eval_args = [
@@ -174,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     approx.add_argument("--topk", type=int, default=10)
     approx.add_argument("--layerwise_topk_analysis", action="store_true", help="no error propagation across layers")
     approx.add_argument("--approx", default="exact_topk", help="exact_topk, simhash, or package.module:function")
+    approx.add_argument(
+        "--approx_args", default="", help="the method's parameters, name:value;name:value (e.g. bits:8 for simhash)"
+    )
     approx.add_argument("--base_attn", default="sdpa")
     approx.add_argument("--model_args", default="", help="more model_args, comma-separated")
     approx.add_argument("--output_path", default="results/approx")

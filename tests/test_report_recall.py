@@ -92,8 +92,10 @@ def test_layer_table_columns_rows_and_population_std():
     table = layer_table(make_stats())
     assert list(table.columns) == [
         "Mean Recall", "Std Recall", "Mean Error Norm", "Std Error Norm", "Exact Top-k Mass", "Approx Top-k Mass",
+        "Attended", "Scanned",
     ]
     assert list(table.columns) == list(TABLE_COLUMNS)
+    assert table["Attended"].isna().all()  # a statistics file from before the cost was measured: n/a, no error
     assert table.index.name == "Layer"
     assert list(table.index) == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
 
@@ -104,6 +106,17 @@ def test_layer_table_columns_rows_and_population_std():
     assert row["Std Error Norm"] == pytest.approx(math.sqrt(0.08 / 3))
     assert row["Exact Top-k Mass"] == pytest.approx(0.6)
     assert row["Approx Top-k Mass"] == pytest.approx(0.4)
+
+
+def test_cost_columns_average_the_heads_that_counted():
+    stats = make_stats()
+    for layer in stats["layers"]:
+        layer["attended"] = [0.1 * (h + 1) for h in range(len(layer["queries"]))]
+        layer["scanned"] = [1.0] * len(layer["queries"])
+    row = layer_table(stats).loc["model.layers.1.self_attn"]
+    counted = [0.1 * (h + 1) for h, q in enumerate(stats["layers"][1]["queries"]) if q > 0]
+    assert row["Attended"] == pytest.approx(sum(counted) / len(counted))
+    assert row["Scanned"] == pytest.approx(1.0)
 
 
 def test_layer_table_skips_heads_without_queries():
@@ -130,7 +143,7 @@ def test_layer_with_no_counted_head_is_nan():
         layer[key] = [None, None, None]
     table = layer_table(stats)
     assert table.loc["model.layers.1.self_attn"].isna().all()
-    assert table.loc["model.layers.0.self_attn"].notna().all()
+    assert table.loc["model.layers.0.self_attn"].drop(["Attended", "Scanned"]).notna().all()
     text = format_recall_table(stats)
     assert "| model.layers.1.self_attn" in text and "n/a" in text
     assert "nan" not in text.lower().replace("n/a", "")
@@ -147,7 +160,7 @@ def test_format_recall_table_markdown():
     cells = [cell.strip() for cell in table_lines[0].strip("|").split("|")]
     assert cells == ["Layer", *TABLE_COLUMNS]
     row0 = [cell.strip() for cell in table_lines[2].strip("|").split("|")]
-    assert row0 == ["model.layers.0.self_attn", "0.500", "0.408", "0.400", "0.163", "0.600", "0.400"]
+    assert row0 == ["model.layers.0.self_attn", "0.500", "0.408", "0.400", "0.163", "0.600", "0.400", "n/a", "n/a"]
 
 
 def test_nothing_counted_message_instead_of_table():

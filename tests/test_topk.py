@@ -1,4 +1,5 @@
-"""The blocked top-k (numba skip-scan on CPU, torch block candidates elsewhere) against torch.topk."""
+"""The blocked top-k (numba best-blocks scan on CPU, torch block candidates elsewhere) against torch.topk, and the
+exact_topk attention over its ids against a float64 computation from the definition."""
 
 from __future__ import annotations
 
@@ -47,4 +48,37 @@ def test_torch_block_path_equals_torch_topk(width: int) -> None:
 
 
 def test_numba_kernel_is_used_on_cpu() -> None:
-    assert topk_module._numba_kernel() is not None, "numba is a dependency: the CPU path must not silently fall back"
+    assert topk_module._numba_kernels() is not None, "numba is a dependency: the CPU path must not silently fall back"
+
+
+@pytest.mark.parametrize("q_len", [40, 3])  # 40 x 9 rows go through the kernel, 3 x 9 through torch
+def test_attend_topk_equals_the_definition(q_len: int) -> None:
+    torch.manual_seed(q_len)
+    batch, q_heads, kv_heads, k_len, dim, k = 2, 9, 3, 300, 16, 10
+    scores = torch.randn(batch, q_heads, q_len, k_len) * 2
+    scores[0, 0, 0] = float("-inf")  # sees nothing
+    scores[0, 0, 1, 4:] = float("-inf")  # sees 4 keys < k
+    value = torch.randn(batch, kv_heads, k_len, dim)
+    exact = torch.randn(batch, q_heads, q_len, dim)
+    lse = torch.logsumexp(scores, dim=-1)
+    top, ids = row_topk(scores, k)
+    output, error, mass = topk_module.attend_topk(top, ids, value, exact, lse)
+
+    group = q_heads // kv_heads
+    for b in range(batch):
+        for h in range(q_heads):
+            for q in range(q_len):
+                row = scores[b, h, q].double()
+                keep = torch.isfinite(row).nonzero().flatten()
+                chosen = keep[row[keep].argsort(descending=True)[:k]]
+                if len(chosen):
+                    weights = torch.softmax(row[chosen], dim=0)
+                    expected = weights @ value[b, h // group, chosen].double()
+                    held = (row[chosen] - torch.logsumexp(row[keep], dim=0)).exp().sum()
+                else:
+                    expected, held = torch.zeros(dim, dtype=torch.float64), torch.tensor(0.0, dtype=torch.float64)
+                reference = exact[b, h, q].double()
+                torch.testing.assert_close(output[b, h, q].double(), expected, rtol=1e-5, atol=1e-6)
+                torch.testing.assert_close(mass[b, h, q].double(), held, rtol=1e-5, atol=1e-7)
+                rel = (expected - reference).norm() / reference.norm()
+                torch.testing.assert_close(error[b, h, q].double(), rel, rtol=1e-5, atol=1e-6)

@@ -1,6 +1,7 @@
-"""The numba kernel behind `topk.row_topk` on CPUs: imported only when first needed (numba takes ~0.4 s to import).
+"""The numba kernels behind `topk.row_topk` and `topk.attend_topk` on CPUs: imported only when first needed (numba
+takes ~0.4 s to import).
 
-Compiled on first use and cached beside this file (`cache=True`), so later processes load it in milliseconds.
+Compiled on first use and cached beside this file (`cache=True`), so later processes load them in milliseconds.
 """
 
 from __future__ import annotations
@@ -9,35 +10,90 @@ import numba
 import numpy as np
 
 
+@numba.njit(inline="always")
+def _insert(best, where, value, index):  # pragma: no cover - compiled
+    """Put (value, index) into the descending list `best`/`where` (its last entry is beaten by `value`)."""
+    p = best.shape[0] - 1
+    while p > 0 and best[p - 1] < value:
+        best[p] = best[p - 1]
+        where[p] = where[p - 1]
+        p -= 1
+    best[p] = value
+    where[p] = index
+
+
 @numba.njit(parallel=True, cache=True, nogil=True)
-def skip_scan(rows, maxima, block, values, indices):  # pragma: no cover - compiled
+def best_blocks_scan(rows, maxima, block, values, indices):  # pragma: no cover - compiled
     """For each row of `rows` (R, W) with block maxima `maxima` (R, W // block): the k = values.shape[1] largest
-    scores into `values` (largest first) and their column ids into `indices`, reading only the blocks whose maximum
-    beats the current k-th best. A row with fewer than k finite scores keeps -inf placeholders in the last slots."""
+    scores into `values` (largest first) and their column ids into `indices`.
+
+    Only the k blocks with the largest maxima (and the last, partial block) are read: every one of the row's k
+    largest scores lies in one of them (see topk.py). A row with fewer than k finite scores keeps -inf placeholders
+    in the last slots.
+    """
     count, width = rows.shape
     k = values.shape[1]
     blocks = maxima.shape[1]
     for r in numba.prange(count):
         best, where, row = values[r], indices[r], rows[r]
+        block_max = np.full(k, -np.inf, dtype=maxima.dtype)
+        block_id = np.zeros(k, dtype=np.int64)
+        for b in range(blocks):
+            m = maxima[r, b]
+            if m > block_max[k - 1]:
+                _insert(block_max, block_id, m, b)
         for j in range(k):
             best[j] = -np.inf
             where[j] = j
-        threshold = best[k - 1]
-        for b in range(blocks + 1):
-            if b < blocks:
-                if maxima[r, b] <= threshold:
+        for c in range(k + 1):
+            if c < k:
+                if block_max[c] == -np.inf:
                     continue
-                start, end = b * block, (b + 1) * block
-            else:  # the last, partial block
+                start = block_id[c] * block
+                end = start + block
+            else:
                 start, end = blocks * block, width
             for j in range(start, end):
                 v = row[j]
-                if v > threshold:
-                    p = k - 1
-                    while p > 0 and best[p - 1] < v:
-                        best[p] = best[p - 1]
-                        where[p] = where[p - 1]
-                        p -= 1
-                    best[p] = v
-                    where[p] = j
-                    threshold = best[k - 1]
+                if v > best[k - 1]:
+                    _insert(best, where, v, j)
+
+
+@numba.njit(parallel=True, cache=True, nogil=True, fastmath={"contract"})
+def attend_topk(scores, ids, row_group, values, exact, lse, out, error, mass):  # pragma: no cover - compiled
+    """Softmax attention over each row's top-k keys, compared with the exact attention, in one pass per row.
+
+    scores, ids (R, k): a row's top-k scores (largest first, -inf placeholders last) and key ids; row_group (R,):
+    the (batch x KV head) index of the row's values in `values` (G, K, D); exact (R, D) and lse (R,): the exact
+    output and softmax log-normaliser. Writes out (R, D), the output of the softmax over the k scores (0 for a row
+    that sees nothing); error (R,), ||out - exact|| / ||exact||; mass (R,), the exact softmax mass of the k keys.
+    """
+    count, k = scores.shape
+    dim = values.shape[2]
+    for r in numba.prange(count):
+        top = scores[r, 0]
+        for d in range(dim):
+            out[r, d] = 0.0
+        total = 0.0
+        held = 0.0
+        group = row_group[r]
+        for j in range(k):
+            s = scores[r, j]
+            if s == -np.inf:
+                continue
+            w = np.exp(s - top)
+            total += w
+            held += np.exp(s - lse[r])
+            v = values[group, ids[r, j]]
+            for d in range(dim):
+                out[r, d] += w * v[d]
+        difference = 0.0
+        norm = 0.0
+        for d in range(dim):
+            if total > 0.0:
+                out[r, d] /= total
+            delta = out[r, d] - exact[r, d]
+            difference += delta * delta
+            norm += exact[r, d] * exact[r, d]
+        error[r] = np.sqrt(difference) / max(np.sqrt(norm), 1e-30)
+        mass[r] = held

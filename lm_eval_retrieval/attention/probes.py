@@ -8,13 +8,15 @@ from typing import Callable
 import torch
 
 from ..errors import UserInputError
-from .approx.common import masked_logits, weighted_ids
+from .approx.common import masked_logits, scores_against
+from .approx.contract import reset_state, take_scanned
 from .approx.exact_topk import exact_topk
 from .hook import AttentionCall, cpu_attention_with_lse
-from .topk import row_topk
+from .topk import attend_topk, row_topk
 
 MASS_CURVE_K = [2**i for i in range(11)]  # 1 .. 1024
 NEG_INF = float("-inf")
+NAN = float("nan")
 
 
 def visible_mask(call: AttentionCall, q_start: int, q_end: int) -> torch.Tensor:
@@ -87,7 +89,8 @@ class RetrievalScoreProbe:
 class ApproxStats:
     """Sums and counts per (layer, head): what N processes can add up exactly (no averages of averages)."""
 
-    FIELDS = ("recall", "error_norm", "exact_topk_mass", "approx_topk_mass")
+    # attended / scanned: the approximation's cost as fractions of each query's visible keys (see approx/contract.py).
+    FIELDS = ("recall", "error_norm", "exact_topk_mass", "approx_topk_mass", "attended", "scanned")
 
     def __init__(self, num_layers: int, num_heads: int) -> None:
         self.queries = torch.zeros(num_layers, num_heads, dtype=torch.float64)
@@ -139,7 +142,7 @@ class ApproxProbe:
         topk: int,
         layerwise: bool = True,
         min_visible_keys: int | None = None,
-        chunk_elements: int = 2**21,
+        chunk_elements: int = 2**23,
         approx_name: str = "approx",
         curve_stride: int = 256,
     ) -> None:
@@ -155,6 +158,7 @@ class ApproxProbe:
         self._device_curve: torch.Tensor | None = None
         self._future: dict[tuple[int, torch.device], torch.Tensor] = {}
         self._range_checked: set[int] = set()
+        self._scores: torch.Tensor | None = None  # one flat buffer every chunk's scores are written into
         self._attended: tuple[AttentionCall, torch.Tensor | None] | None = None
 
     @property
@@ -199,21 +203,30 @@ class ApproxProbe:
         log-normaliser `lse` (B, Hq, Q); returns the approximate output (B, Q, Hq, D) if it is passed on."""
         batch, q_heads, q_len, _ = call.query.shape
         k_len = call.key.shape[2]
+        if k_len == q_len:  # no cached keys: a new sequence, so a stateful approximation starts afresh
+            reset_state(call.module)
         if self._device_sums is None:
             layers, heads = self._stats.queries.shape
             dtype = torch.float64 if call.query.device.type != "mps" else torch.float32
             device = call.query.device
             self._device_sums = torch.zeros(layers, 1 + len(ApproxStats.FIELDS), heads, dtype=dtype, device=device)
             self._device_curve = torch.zeros(layers, 1 + len(MASS_CURVE_K), dtype=dtype, device=device)
-        # Keys once per call, contiguous: a model's keys are often a transposed view, which the matmul of every chunk
-        # would otherwise copy again.
+        # Keys once per call, transposed and contiguous for the matmul of every chunk (a model's keys are often a
+        # strided view, which each matmul would otherwise copy again). A decode step's single matmul reads the cache
+        # in place instead: copying every key at every step would cost more than the step's own scoring.
         key, value = call.key.contiguous(), call.value.contiguous()
+        key_t = key.float().transpose(-1, -2)
+        if q_len > 1:
+            key_t = key_t.contiguous()
         chunk = max(1, self.chunk_elements // max(1, batch * q_heads * k_len))
+        needed = batch * q_heads * k_len * min(chunk, q_len)
+        if self._scores is None or self._scores.numel() < needed or self._scores.device != call.query.device:
+            self._scores = torch.empty(needed, dtype=torch.float32, device=call.query.device)
         approx_chunks = []
         for start in range(0, q_len, chunk):
             end = min(q_len, start + chunk)
             chunk_lse = None if lse is None else lse[:, :, start:end]
-            approx_chunks.append(self._analyse_chunk(call, output, chunk_lse, key, value, start, end))
+            approx_chunks.append(self._analyse_chunk(call, output, chunk_lse, key, key_t, value, start, end))
         if self.layerwise:
             return None
         return torch.cat(approx_chunks, dim=2).transpose(1, 2)
@@ -231,11 +244,15 @@ class ApproxProbe:
         output: torch.Tensor,
         lse: torch.Tensor | None,
         key: torch.Tensor,
+        key_t: torch.Tensor,
         value: torch.Tensor,
         start: int,
         end: int,
     ) -> torch.Tensor:
-        """Adds queries start..end to the sums; returns their output to pass on (B, Hq, C, D) float32."""
+        """Adds queries start..end to the sums; returns their output to pass on (B, Hq, C, D) float32.
+
+        `key_t` is `key` transposed (B, Hkv, D, K) float32; the chunk's scores live in the probe's buffer until the
+        next chunk."""
         query = call.query[:, :, start:end]
         size = end - start
         q_len, k_len = call.query.shape[2], call.key.shape[2]
@@ -250,14 +267,14 @@ class ApproxProbe:
             # query i of the chunk sees first_own + i + 1 keys. A decode step (one query) needs no tensor for that.
             first_own = limit - size
             if size == 1:
-                counted, denominator = limit >= min_keys, k
+                counted, denominator, visible_count = limit >= min_keys, k, limit
             else:
                 visible_count = torch.arange(first_own + 1, limit + 1, device=query.device)
                 counted = visible_count >= min_keys
                 denominator = visible_count.clamp(max=k)
             if counted is False:
                 return exact_out  # nothing to count (too few keys); the exact output stands
-            logits = masked_logits(query, key[:, :, :limit], None, call.scaling, softcap)
+            logits = self._chunk_logits(query, key_t, limit, call.scaling, softcap)
             if size > 1:
                 logits[..., first_own:].masked_fill_(self._future_mask(size, logits.device), NEG_INF)
             real = attend = None
@@ -268,26 +285,29 @@ class ApproxProbe:
             visible_count = attend.sum(-1)
             counted = (visible_count >= min_keys) & real
             denominator = visible_count.clamp(max=k).clamp(min=1)
-            logits = masked_logits(query, key[:, :, :limit], attend[..., :limit], call.scaling, softcap)
+            logits = self._chunk_logits(query, key_t, limit, call.scaling, softcap)
+            logits.masked_fill_(~attend[..., :limit], NEG_INF)
         if lse is None:
             lse = torch.logsumexp(logits, dim=-1)  # -inf on a row that sees nothing, never counted
         lse = lse.unsqueeze(-1)
+        keys_seen = visible_count if isinstance(visible_count, int) else visible_count.clamp(min=1)
 
         exact_scores, exact_ids = row_topk(logits, k)
         exact_ok = exact_scores > NEG_INF  # fewer than k visible keys: the rest are placeholders
-        exact_mass = torch.where(exact_ok, (exact_scores - lse).exp(), 0.0).sum(-1)
         approx_fn = getattr(call.module._approx_attn, "__func__", None)
         if approx_fn is exact_topk:  # the default: its ids are the exact ids, no need to score every key twice
-            weights = torch.softmax(exact_scores, dim=-1)
-            if real is not None:
-                weights = weights.nan_to_num_(0.0)
-            approx_out = weighted_ids(weights, exact_ids, value)
+            approx_out, error, exact_mass = attend_topk(exact_scores, exact_ids, value, exact_out, lse.squeeze(-1))
             recall = exact_ok.sum(-1) / denominator
             approx_mass = exact_mass
+            attended = denominator / keys_seen
+            scanned = 1.0  # every visible key scored with its full vector
         else:
+            exact_mass = torch.where(exact_ok, (exact_scores - lse).exp(), 0.0).sum(-1)
             if attend is None:
                 attend = visible_mask(call, start, end)
+            take_scanned(call.module)  # nothing left over from a call that was not analysed
             approx_out, _, approx_ids = call.module._approx_attn(query, key, value, attend, call.scaling, k)
+            reported = take_scanned(call.module)
             self._check_approx(call.layer, query, call.value, approx_out, approx_ids, k_len)
             approx_out = approx_out.float()
             if call.attention_mask is None:  # causal: query i of the chunk sees keys up to first_own + i
@@ -298,10 +318,16 @@ class ApproxProbe:
                 is_visible = lambda ids: (  # noqa: E731
                     (ids >= 0) & (ids < keys) & attend.expand(*ids.shape[:3], -1).gather(-1, ids.clamp(0, keys - 1))
                 )
-            recall, approx_mass = _set_metrics(approx_ids, exact_ids, exact_ok, logits, lse, is_visible, denominator)
-
-        error = (approx_out - exact_out).norm(dim=-1) / exact_out.norm(dim=-1).clamp_min(1e-30)
-        values = torch.stack([recall.to(error.dtype).expand_as(error), error, exact_mass, approx_mass])
+            recall, approx_mass, used = _set_metrics(
+                approx_ids, exact_ids, exact_ok, logits, lse, is_visible, denominator
+            )
+            error = (approx_out - exact_out).norm(dim=-1) / exact_out.norm(dim=-1).clamp_min(1e-30)
+            attended = used / keys_seen
+            scanned = NAN if reported is None else torch.as_tensor(reported, device=error.device) / keys_seen
+        costs = [
+            torch.as_tensor(c, dtype=error.dtype, device=error.device).expand_as(error) for c in (attended, scanned)
+        ]
+        values = torch.stack([recall.to(error.dtype).expand_as(error), error, exact_mass, approx_mass, *costs])
         sums = self._device_sums[call.layer]
         if counted is True:  # a decode step with enough keys: every head counts once
             sums[0] += size * query.shape[0]
@@ -315,6 +341,13 @@ class ApproxProbe:
         if real is not None:
             approx_out = torch.where(real[..., None], approx_out, exact_out)
         return approx_out
+
+    def _chunk_logits(
+        self, query: torch.Tensor, key_t: torch.Tensor, limit: int, scaling: float, softcap: float | None
+    ) -> torch.Tensor:
+        """The chunk's scores against keys 0..limit-1, in the probe's buffer (soft-capped where the model does)."""
+        logits = scores_against(query, key_t[..., :limit], scaling, out=self._scores)
+        return torch.tanh(logits / softcap).mul_(softcap) if softcap else logits
 
     def _add_mass_curve(
         self, layer: int, logits: torch.Tensor, lse: torch.Tensor, counted: torch.Tensor | bool, first_position: int
@@ -371,8 +404,8 @@ def _set_metrics(
     lse: torch.Tensor,
     is_visible: Callable[[torch.Tensor], torch.Tensor],
     denominator: torch.Tensor | int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Recall@k and exact-softmax mass of an approximation's id set (repeats and invisible ids count nothing).
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Recall@k, exact-softmax mass and size of an approximation's id set (repeats and invisible ids count nothing).
 
     Order does not matter to a set: the ids are sorted, so repeats sit side by side and membership in the exact
     top-k is a binary search, O(k log k) per query where a pairwise comparison would be O(k^2).
@@ -385,7 +418,8 @@ def _set_metrics(
     exact_sorted = exact_ids.masked_fill(~exact_ok, -1).sort(dim=-1).values.contiguous()
     slot = torch.searchsorted(exact_sorted, approx_ids.contiguous()).clamp_(max=exact_ids.shape[-1] - 1)
     hits = (exact_sorted.gather(-1, slot) == approx_ids) & approx_ok
-    return hits.sum(-1) / denominator, torch.where(approx_ok, (picked - lse).exp(), 0.0).sum(-1)
+    mass = torch.where(approx_ok, (picked - lse).exp(), 0.0).sum(-1)
+    return hits.sum(-1) / denominator, mass, approx_ok.sum(-1)
 
 
 def nan_to_none(values: torch.Tensor) -> list:

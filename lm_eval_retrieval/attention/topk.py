@@ -6,12 +6,16 @@ cost more than the backend's whole attention. Two facts make it cheaper:
 
 * every one of a row's k largest scores lies in one of the k blocks (of BLOCK scores) with the largest maxima: a
   block holding one of them has a maximum at least the k-th largest score, which no other block reaches;
-* block maxima are one vectorised pass (`amax`), so a scan that keeps the k best seen so far can skip every block
-  whose maximum does not beat the current k-th best, which after the first few blocks is nearly all of them.
+* block maxima are one vectorised pass (`amax`), so picking the k best blocks reads W / BLOCK numbers, and the
+  top-k is then taken over k x BLOCK scores instead of W.
 
-On a CPU the scan runs as a small numba kernel, parallel over rows (numba compiles it once and caches it on disk);
-without numba, and on GPUs (where `torch.topk` is fast), the first fact alone is used with torch operations.
+On a CPU this runs as a small numba kernel, parallel over rows (numba compiles it once and caches it on disk);
+without numba, and on GPUs (where `torch.topk` is fast), the same rule runs as torch operations.
 Ties may be broken differently from `torch.topk`; every caller treats the ids as a set.
+
+`attend_topk` is what the default approximation (`exact_topk`) does with those ids, for every row at once: the
+softmax over the k scores, its output, its error against the exact output and the exact mass the k keys hold. As
+torch operations that is a dozen small tensors per chunk; on a CPU one kernel does it per row.
 """
 
 from __future__ import annotations
@@ -34,20 +38,20 @@ def row_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     blocks = width // BLOCK
     rows = scores.numel() // max(width, 1)
     if scores.device.type == "cpu" and scores.dtype == torch.float32 and rows >= MIN_KERNEL_ROWS:
-        kernel = _numba_kernel()
-        if kernel is not None and 0 < k <= width:
-            return _skip_scan(kernel, scores.contiguous(), k, blocks)
+        kernels = _numba_kernels()
+        if kernels is not None and 0 < k <= width:
+            return _best_blocks(kernels.best_blocks_scan, scores.contiguous(), k, blocks)
     if blocks >= MIN_BLOCKS_PER_K * k > 0:
         return _block_candidates(scores, k, blocks)
     return scores.topk(k, dim=-1)
 
 
-def _skip_scan(kernel: Callable, scores: torch.Tensor, k: int, blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _best_blocks(kernel: Callable, scores: torch.Tensor, k: int, blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
     rows = scores.reshape(-1, scores.shape[-1])
     maxima = rows[:, : blocks * BLOCK].view(rows.shape[0], blocks, BLOCK).amax(-1)
     values = torch.empty(rows.shape[0], k, dtype=scores.dtype)
     indices = torch.empty(rows.shape[0], k, dtype=torch.int64)
-    _match_torch_threads()
+    match_torch_threads()
     kernel(rows.numpy(), maxima.numpy(), BLOCK, values.numpy(), indices.numpy())
     shape = (*scores.shape[:-1], k)
     return values.view(shape), indices.view(shape)
@@ -67,7 +71,7 @@ def _block_candidates(scores: torch.Tensor, k: int, blocks: int) -> tuple[torch.
     return values, torch.where(in_blocks, block_ids, picked - k * BLOCK + whole)
 
 
-def _match_torch_threads() -> None:
+def match_torch_threads() -> None:
     """numba's pool uses as many threads as torch's (a user who limits one limits both)."""
     import numba
 
@@ -76,11 +80,47 @@ def _match_torch_threads() -> None:
         numba.set_num_threads(wanted)
 
 
+def attend_topk(
+    scores: torch.Tensor, ids: torch.Tensor, value: torch.Tensor, exact: torch.Tensor, lse: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Softmax attention over each query's top-k keys against the exact attention.
+
+    scores, ids (B, Hq, Q, k): the top-k scores (largest first; -inf placeholders where fewer keys are visible) and
+    key ids; value (B, Hkv, K, D); exact (B, Hq, Q, D) float32 and lse (B, Hq, Q): the exact output and softmax
+    log-normaliser. Returns (output (B, Hq, Q, D) float32, 0 for a query that sees nothing; relative error norm
+    ||output - exact|| / ||exact|| (B, Hq, Q); exact softmax mass of the k keys (B, Hq, Q)).
+    """
+    kernels = _numba_kernels() if scores.device.type == "cpu" and scores.dtype == torch.float32 else None
+    if kernels is None or value.dtype != torch.float32 or ids.numel() < MIN_KERNEL_ROWS * ids.shape[-1]:
+        from .approx.common import weighted_ids  # here: approx/ imports this module (simhash's top-k)
+
+        weights = torch.softmax(scores, dim=-1).nan_to_num_(0.0)
+        output = weighted_ids(weights, ids, value)
+        error = (output - exact).norm(dim=-1) / exact.norm(dim=-1).clamp_min(1e-30)
+        mass = torch.where(scores > float("-inf"), (scores - lse.unsqueeze(-1)).exp(), 0.0).sum(-1)
+        return output, error, mass
+    batch, q_heads, q_len, k = ids.shape
+    kv_heads, dim = value.shape[1], value.shape[-1]
+    groups = value.contiguous().view(batch * kv_heads, -1, dim)
+    head_group = torch.arange(batch * kv_heads).view(batch, kv_heads, 1).repeat_interleave(q_heads // kv_heads, 1)
+    row_group = head_group.expand(batch, q_heads, q_len).reshape(-1)
+    rows = batch * q_heads * q_len
+    output = torch.empty(rows, dim)
+    error, mass = torch.empty(rows), torch.empty(rows)
+    match_torch_threads()
+    kernels.attend_topk(
+        scores.reshape(rows, k).contiguous().numpy(), ids.reshape(rows, k).contiguous().numpy(), row_group.numpy(),
+        groups.numpy(), exact.reshape(rows, dim).contiguous().numpy(), lse.reshape(rows).float().contiguous().numpy(),
+        output.numpy(), error.numpy(), mass.numpy(),
+    )  # fmt: skip
+    return output.view(batch, q_heads, q_len, dim), error.view(batch, q_heads, q_len), mass.view(batch, q_heads, q_len)
+
+
 @functools.cache
-def _numba_kernel() -> Callable | None:
-    """The compiled scan (see _topk_scan.py), or None where numba cannot be imported (the torch path is used)."""
+def _numba_kernels():  # type: ignore[no-untyped-def]
+    """The compiled kernels (see _topk_scan.py), or None where numba cannot be imported (torch paths are used)."""
     try:
-        from ._topk_scan import skip_scan
+        from . import _topk_scan
     except ImportError:
         return None
-    return skip_scan
+    return _topk_scan

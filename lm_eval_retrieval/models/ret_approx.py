@@ -15,6 +15,7 @@ from typing import Any, Callable
 import torch
 
 from ..attention.approx import resolve_approx
+from ..attention.approx.contract import parse_approx_args, set_approx_args
 from ..attention.probes import MASS_CURVE_K, ApproxProbe, ApproxStats, nan_to_none
 from ..errors import UserInputError
 from .base import HookedHFLM, as_bool
@@ -25,13 +26,14 @@ log = logging.getLogger(__name__)
 class RetApproxLM(HookedHFLM):
     """HFLM whose attention layers are analysed against `approx` (default exact top-k) on every forward pass."""
 
-    OWN_ARGS = ("topk", "layerwise_topk_analysis", "approx", "min_visible_keys")
+    OWN_ARGS = ("topk", "layerwise_topk_analysis", "approx", "approx_args", "min_visible_keys")
 
     def __init__(
         self,
         topk: int = 10,
         layerwise_topk_analysis: bool | str = True,
         approx: str | Callable | None = "exact_topk",
+        approx_args: str | dict | None = None,
         min_visible_keys: int | None = None,
         **kwargs: Any,
     ) -> None:
@@ -42,6 +44,7 @@ class RetApproxLM(HookedHFLM):
         if topk <= 0:
             raise UserInputError(f"topk must be a positive integer, got {topk}")
         approx_name, approx_fn = resolve_approx(approx)
+        method_args = parse_approx_args(approx_args, approx_fn, approx_name)  # checked before the model loads
         super().__init__(**kwargs)
         state = self.hook_state
         self.topk = topk
@@ -54,7 +57,7 @@ class RetApproxLM(HookedHFLM):
             min_visible_keys=None if min_visible_keys in (None, "") else int(min_visible_keys),
             approx_name=approx_name,
         )
-        self.set_approx(approx_fn, approx_name)
+        self.set_approx(approx_fn, approx_name, method_args)
         state.probes.append(self.probe)
         self._pending_lengths: list[int] | None = None
         self._all_stats: ApproxStats | None = None  # every process's statistics added up, on rank 0
@@ -65,11 +68,14 @@ class RetApproxLM(HookedHFLM):
         names = set(self.hook_state.module_names)
         return [module for name, module in self.model.named_modules() if name in names]
 
-    def set_approx(self, function: Callable, name: str | None = None) -> None:
-        """Use `function` (the `_approx_attn` contract) as every layer's approximation."""
+    def set_approx(self, function: Callable, name: str | None = None, args: dict[str, Any] | None = None) -> None:
+        """Use `function` (the `_approx_attn` contract) as every layer's approximation, with its parameters `args`
+        (already checked, see approx/contract.py)."""
         for module in self.attention_modules():
             module._approx_attn = types.MethodType(function, module)
+            set_approx_args(module, args or {})
         self.probe.approx_name = name or getattr(function, "__name__", "custom")
+        self.approx_args = dict(args or {})
 
     # ----------------------------------------------------------------------------------------------------------
     # lm-eval entry points: run as HFLM does, then write the reports
@@ -167,6 +173,7 @@ class RetApproxLM(HookedHFLM):
         return {
             "model": self.model_name,
             "approx": self.probe.approx_name,
+            "approx_args": self.approx_args,
             "topk": self.topk,
             "layerwise_topk_analysis": self.layerwise,
             "min_visible_keys": self.probe.min_visible_keys,

@@ -66,6 +66,8 @@ _COLUMN_SPEC = (
     ("Std Error Norm", "error_norm", "std"),
     ("Exact Top-k Mass", "exact_topk_mass", "mean"),
     ("Approx Top-k Mass", "approx_topk_mass", "mean"),
+    ("Attended", "attended", "mean"),
+    ("Scanned", "scanned", "mean"),
 )
 TABLE_COLUMNS = tuple(name for name, _, _ in _COLUMN_SPEC)
 
@@ -126,8 +128,9 @@ def _aggregate(values: list[float], how: str) -> float:
 def layer_table(stats: Any) -> pd.DataFrame:
     """One row per layer (index ``Layer`` = the module name), mean and population std across the counted heads.
 
-    Columns: ``Mean Recall | Std Recall | Mean Error Norm | Std Error Norm | Exact Top-k Mass | Approx Top-k Mass``.
-    Heads whose value is None (no query counted) are skipped; a layer where no head counted gets NaN.
+    Columns: ``Mean Recall | Std Recall | Mean Error Norm | Std Error Norm | Exact Top-k Mass | Approx Top-k Mass``
+    as the seed printed them, then the cost: ``Attended | Scanned`` (fractions of each query's visible keys; NaN
+    where the run did not measure it). Heads whose value is None (no query counted) are skipped; a layer where no head counted gets NaN.
     """
     stats = as_recall_stats(stats)
     rows = []

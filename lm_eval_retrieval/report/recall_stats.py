@@ -29,7 +29,7 @@ import numpy as np
 
 from lm_eval_retrieval.errors import UserInputError
 
-__all__ = ["STATS_FILE", "PER_HEAD_KEYS", "VALUE_KEYS", "LayerRecall", "RecallStats", "as_recall_stats"]
+__all__ = ["STATS_FILE", "PER_HEAD_KEYS", "VALUE_KEYS", "COST_KEYS", "LayerRecall", "RecallStats", "as_recall_stats"]
 
 #: The statistics file inside a report folder.
 STATS_FILE = "recall_stats.json"
@@ -37,6 +37,9 @@ STATS_FILE = "recall_stats.json"
 #: Per-head lists every layer entry carries (``queries`` first: it says which heads counted).
 PER_HEAD_KEYS = ("queries", "recall", "error_norm", "exact_topk_mass", "approx_topk_mass")
 VALUE_KEYS = PER_HEAD_KEYS[1:]
+#: Per-head cost lists, as fractions of each query's visible keys: the keys the output attends, and the work spent
+#: choosing them in key-vector equivalents. Optional: files written before they were measured lack them.
+COST_KEYS = ("attended", "scanned")
 
 _REQUIRED_KEYS = ("model", "approx", "topk", "layerwise_topk_analysis", "layers", "mass_curve")
 
@@ -54,15 +57,20 @@ class LayerRecall:
     error_norm: Values
     exact_topk_mass: Values
     approx_topk_mass: Values
+    attended: Values = ()
+    scanned: Values = ()
 
     @property
     def heads(self) -> int:
         return len(self.queries)
 
     def values(self, key: str) -> tuple:
-        """The per-head list named ``key`` (one of :data:`PER_HEAD_KEYS`)."""
+        """The per-head list named ``key`` (one of :data:`PER_HEAD_KEYS` or :data:`COST_KEYS`)."""
+        if key in COST_KEYS:
+            return getattr(self, key) or (None,) * self.heads
         if key not in PER_HEAD_KEYS:
-            raise UserInputError(f"unknown per-head statistic {key!r}; use one of {', '.join(PER_HEAD_KEYS)}")
+            known = ", ".join((*PER_HEAD_KEYS, *COST_KEYS))
+            raise UserInputError(f"unknown per-head statistic {key!r}; use one of {known}")
         return getattr(self, key)
 
 
@@ -103,7 +111,11 @@ class RecallStats:
                 "layerwise_topk_analysis": self.layerwise_topk_analysis,
                 "min_visible_keys": self.min_visible_keys,
                 "layers": [
-                    {"layer": layer.layer, "module": layer.module, **{k: list(layer.values(k)) for k in PER_HEAD_KEYS}}
+                    {
+                        "layer": layer.layer,
+                        "module": layer.module,
+                        **{k: list(layer.values(k)) for k in (*PER_HEAD_KEYS, *COST_KEYS)},
+                    }
                     for layer in self.layers
                 ],
                 "mass_curve": {"k": list(self.mass_k), "mass": [list(row) for row in self.mass]},
@@ -212,12 +224,23 @@ def _validate_layer(where: str, index: int, entry: Any) -> LayerRecall:
                 f"{where}: {name} has {len(lists[key])} {key} value(s) but {heads} query counts; "
                 f"every per-head list must have one value per head"
             )
+    for key in COST_KEYS:
+        value = entry.get(key)
+        if value is None:
+            continue
+        if not _is_list(value) or len(value) != heads:
+            raise UserInputError(
+                f"{where}: {name} {key} is {_short(value)}, expected a list with one value per head; fix the statistics"
+            )
+        lists[key] = list(value)
     queries = tuple(_count(where, f"{name} queries[{h}]", q) for h, q in enumerate(lists["queries"]))
     values = {}
-    for key in VALUE_KEYS:
+    for key in (*VALUE_KEYS, *(k for k in COST_KEYS if k in lists)):
         checked = [_value(where, f"{name} {key}[{h}]", v) for h, v in enumerate(lists[key])]
         # A head that counted no query has no measurement, whatever number the list holds.
         values[key] = tuple(v if q > 0 else None for v, q in zip(checked, queries))
+    for key in COST_KEYS:
+        values.setdefault(key, (None,) * heads)  # not measured by the run that wrote the file
     return LayerRecall(layer=entry.get("layer", index), module=entry["module"], queries=queries, **values)
 
 

@@ -18,14 +18,29 @@ def masked_logits(
     `softcap` is the attention logit soft-capping some models apply (Gemma2: softcap * tanh(s / softcap)); the hook
     records it per call as `module._lmr_softcap`, see `module_softcap`.
     """
-    batch, q_heads, q_len, dim = query.shape
-    kv_heads = key.shape[1]
-    # One batched matmul per KV head over all its query heads' rows: K/V are never copied per query head.
-    grouped = (query.float() * scaling).reshape(batch, kv_heads, (q_heads // kv_heads) * q_len, dim)
-    logits = torch.matmul(grouped, key.float().transpose(-1, -2)).view(batch, q_heads, q_len, -1)
+    logits = scores_against(query, key.float().transpose(-1, -2), scaling)
     if softcap:
         logits = torch.tanh(logits / softcap).mul_(softcap)
     return logits if visible is None else logits.masked_fill_(~visible, float("-inf"))
+
+
+def scores_against(
+    query: torch.Tensor, key_t: torch.Tensor, scaling: float, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Scaled scores (B, Hq, Q, K) float32 of `query` against transposed keys `key_t` (B, Hkv, D, K) float32.
+
+    One batched matmul per KV head over all its query heads' rows: K/V are never copied per query head. `out`, a
+    flat float32 buffer of at least B x Hq x Q x K elements, takes the scores (a caller that scores many chunks
+    reuses one buffer instead of touching fresh memory each time).
+    """
+    batch, q_heads, q_len, dim = query.shape
+    kv_heads, k_len = key_t.shape[1], key_t.shape[-1]
+    grouped = (query.float() * scaling).reshape(batch, kv_heads, (q_heads // kv_heads) * q_len, dim)
+    if out is None:
+        return torch.matmul(grouped, key_t).view(batch, q_heads, q_len, k_len)
+    target = out[: batch * q_heads * q_len * k_len].view(batch, kv_heads, (q_heads // kv_heads) * q_len, k_len)
+    torch.matmul(grouped, key_t, out=target)
+    return target.view(batch, q_heads, q_len, k_len)
 
 
 def module_softcap(module: torch.nn.Module) -> float | None:

@@ -1,0 +1,67 @@
+"""`simhash` (numba kernel on CPU, torch elsewhere) against its rule, written out per query in float64."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from lm_eval_retrieval.attention.approx import simhash
+from lm_eval_retrieval.attention.approx.simhash import _hyperplanes
+
+SIMHASH_MODULE = sys.modules["lm_eval_retrieval.attention.approx.simhash"]
+
+
+def reference(module, query, key, value, mask, scaling, k, softcap=None):  # type: ignore[no-untyped-def]
+    """Per query: codes = signs of projections on the layer's hyperplanes; the k visible keys with the fewest
+    differing bits, ties to the more recent key; softmax attention over them. Returns (id sets, outputs)."""
+    batch, q_heads, q_len, dim = query.shape
+    group = q_heads // key.shape[1]
+    planes = _hyperplanes(module, dim, module._approx_args["bits"], query.device).double()
+    sets, outputs = {}, torch.zeros(batch, q_heads, q_len, value.shape[-1], dtype=torch.float64)
+    for b in range(batch):
+        for h in range(q_heads):
+            keys, values = key[b, h // group].double(), value[b, h // group].double()
+            key_bits = keys @ planes > 0
+            for q in range(q_len):
+                visible = mask[b, 0, q].nonzero().flatten().tolist()
+                query_bits = query[b, h, q].double() @ planes > 0
+                distance = {j: int((key_bits[j] != query_bits).sum()) for j in visible}
+                chosen = sorted(visible, key=lambda j: (distance[j], -j))[:k]
+                sets[b, h, q] = set(chosen)
+                if chosen:
+                    scores = keys[chosen] @ query[b, h, q].double() * scaling
+                    if softcap:
+                        scores = softcap * torch.tanh(scores / softcap)
+                    outputs[b, h, q] = torch.softmax(scores, dim=0) @ values[chosen]
+    return sets, outputs
+
+
+@pytest.mark.parametrize("path", ["kernel", "torch"])
+@pytest.mark.parametrize("softcap", [None, 20.0])
+def test_simhash_follows_its_rule(  # type: ignore[no-untyped-def]
+    path: str, softcap: float | None, monkeypatch
+) -> None:
+    if path == "torch":
+        monkeypatch.setattr(SIMHASH_MODULE, "_numba_kernel", lambda: None)
+    else:
+        assert SIMHASH_MODULE._numba_kernel() is not None, "numba is a dependency: the CPU path must use the kernel"
+    torch.manual_seed(1)
+    batch, q_heads, kv_heads, q_len, k_len, dim, k = 2, 6, 2, 12, 80, 16, 8
+    shapes = ((q_heads, q_len), (kv_heads, k_len), (kv_heads, k_len))
+    query, key, value = (torch.randn(batch, h, n, dim) for h, n in shapes)
+    mask = torch.ones(batch, 1, q_len, k_len, dtype=torch.bool).tril(k_len - q_len)
+    mask[1, :, :, :20] = False  # left padding in the second sequence
+    mask[0, :, 0, 5:] = False  # a query that sees 5 keys (< k)
+    module = torch.nn.Module()
+    module._lmr_layer, module._approx_args = 4, {"bits": 12}
+    if softcap:
+        module._lmr_softcap = softcap
+    output, _, ids = simhash(module, query, key, value, mask, 0.25, k)
+    sets, expected = reference(module, query, key, value, mask, 0.25, k, softcap)
+    for (b, h, q), chosen in sets.items():
+        row = ids[b, h, q].tolist()
+        assert chosen <= set(row), (b, h, q)
+        assert all(not mask[b, 0, q, j] for j in set(row) - chosen)  # placeholders only where fewer than k are visible
+    torch.testing.assert_close(output.double(), expected, rtol=1e-5, atol=1e-6)
