@@ -132,6 +132,34 @@ def _mask_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _leaderboard(args: argparse.Namespace) -> int:
+    import json
+
+    from lm_eval.utils import simple_parse_args_string
+
+    from .leaderboard import leaderboard_markdown, parse_budgets, parse_methods, run_leaderboard
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    methods, budgets = parse_methods(args.methods), parse_budgets(args.budgets)
+    metadata = json.loads(args.metadata) if args.metadata else None
+    if metadata is not None and not isinstance(metadata, dict):
+        raise UserInputError("--metadata must be a JSON object, e.g. '{\"context_lengths\":[500,1000]}'")
+    per_method = {}
+    for item in args.approx_args or []:
+        method, equals, values = item.partition("=")
+        if not equals or method not in methods:
+            raise UserInputError(f"--approx_args takes method=name:value;..., one of {', '.join(methods)}; got {item!r}")
+        per_method[method] = values
+    check_writable(args.output_path)
+    table = run_leaderboard(
+        simple_parse_args_string(args.model_args), methods, budgets, args.tasks.split(","), args.output_path,
+        metadata=metadata, limit=args.limit, use_cache=args.use_cache, approx_args=per_method,
+    )
+    print(leaderboard_markdown(table))
+    print(f"written under {args.output_path}: leaderboard.csv, leaderboard.md, leaderboard.png, runs/")
+    return 0
+
+
 def _heads(args: argparse.Namespace) -> int:
     from .report.heads import compare_head_scores, format_comparison, format_ranking, load_head_scores
 
@@ -198,6 +226,18 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--use_cache", default=None, metavar="PATH",
                        help="as lm_eval's: a rerun after an interruption skips every document already answered")
     sweep.add_argument("--output_path", default=None, help="default results/mask-sweep-<model>")
+    board = sub.add_parser("leaderboard", help="every approximation x budget end to end: quality, cost, task metrics")
+    board.add_argument("--model_args", default="pretrained=smollm2-135m")
+    board.add_argument("--methods", default="streaming,h2o,snapkv,quest,loki,sparq,ivf,simhash,exact_topk",
+                       help="comma-separated approx= names (magicpig is not in the default: its prefill on a CPU "
+                            "costs minutes per layer at 2k tokens)")
+    board.add_argument("--budgets", default="32,128", help="comma-separated budgets k (keys per query)")
+    board.add_argument("--tasks", default="retrieval_ppl_en")
+    board.add_argument("--metadata", default=None, help="task metadata (e.g. the NIAH grid), as for lm_eval")
+    board.add_argument("--limit", type=float, default=None)
+    board.add_argument("--approx_args", nargs="*", metavar="METHOD=ARGS", help="e.g. quest=page_size:8 loki=rank:16")
+    board.add_argument("--use_cache", action="store_true", help="read back runs already finished instead of rerunning")
+    board.add_argument("--output_path", default="results/leaderboard")
     plot = sub.add_parser("plot", help="NIAH heatmaps (from --log_samples output) and head-score heatmaps")
     from .report.niah_plot import add_plot_arguments
 
@@ -225,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
             return _compare(namespace)
         if command == "mask-sweep":
             return _mask_sweep(namespace)
+        if command == "leaderboard":
+            return _leaderboard(namespace)
         if command == "plot":
             from .report.niah_plot import run_plot
 

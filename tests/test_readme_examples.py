@@ -62,6 +62,9 @@ RULES: list[tuple[str, str]] = [
     (r"lm_eval --model ret-approx-hf --model_args pretrained=smollm2-135m --tasks niah_single_1 ",
      "skip: run by tests/test_ruler_alias.py (one 512-token RULER document)"),
     (r"accelerate launch ", "skip: two processes over the default grid (minutes)"),
+    (r"lm_eval --model ret-approx-hf --model_args pretrained=smollm2-135m,approx=",
+     "skip: documents under the analysis (minutes); tests/test_head_aware.py runs these args on a tiny model"),
+    (r"lm-eval-retrieval leaderboard --methods streaming,", "skip: 11 runs of 10 documents (tests/test_leaderboard.py)"),
 ]
 
 

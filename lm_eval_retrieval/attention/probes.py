@@ -159,7 +159,29 @@ class ApproxProbe:
         self._future: dict[tuple[int, torch.device], torch.Tensor] = {}
         self._range_checked: set[int] = set()
         self._scores: torch.Tensor | None = None  # one flat buffer every chunk's scores are written into
+        self._exact_heads: dict[int, list[int]] = {}  # layer -> heads kept on exact attention (hybrid runs)
         self._attended: tuple[AttentionCall, torch.Tensor | None] | None = None
+
+    def set_exact_heads(self, heads: list[tuple[int, int]]) -> None:
+        """Keep these (layer, head) on exact attention and approximate the others (DuoAttention / RazorAttention's
+        hybrid). Such a head passes its exact output on and counts as recall 1, error 0, approximate mass 1 and
+        attended = scanned = every visible key: what it costs to keep it exact."""
+        self._exact_heads = {}
+        for layer, head in heads:
+            self._exact_heads.setdefault(int(layer), []).append(int(head))
+
+    def reset(self, topk: int | None = None) -> None:
+        """Start counting afresh (another method or budget on the same loaded model), optionally with another k;
+        a `min_visible_keys` left at its default (10 k) follows k."""
+        if topk is not None:
+            if self.min_visible_keys == 10 * self.topk:
+                self.min_visible_keys = 10 * topk
+            self.topk = topk
+        layers, heads = self._stats.queries.shape
+        self._stats = ApproxStats(layers, heads)
+        self._device_sums = self._device_curve = None
+        self._range_checked.clear()
+        self._attended = None
 
     @property
     def stats(self) -> ApproxStats:
@@ -328,6 +350,14 @@ class ApproxProbe:
             torch.as_tensor(c, dtype=error.dtype, device=error.device).expand_as(error) for c in (attended, scanned)
         ]
         values = torch.stack([recall.to(error.dtype).expand_as(error), error, exact_mass, approx_mass, *costs])
+        exact_heads = self._exact_heads.get(call.layer)
+        if exact_heads:
+            keep = torch.zeros(error.shape[1], dtype=torch.bool, device=error.device)
+            keep[exact_heads] = True
+            exact_values = torch.tensor([1.0, 0.0, NAN, 1.0, 1.0, 1.0], dtype=values.dtype, device=values.device)
+            exact_values = torch.where(exact_values.isnan()[:, None, None, None], values, exact_values[:, None, None, None])
+            values = torch.where(keep[None, None, :, None], exact_values, values)
+            approx_out = torch.where(keep[None, :, None, None], exact_out, approx_out)
         sums = self._device_sums[call.layer]
         if counted is True:  # a decode step with enough keys: every head counts once
             sums[0] += size * query.shape[0]

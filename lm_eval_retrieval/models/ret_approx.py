@@ -19,6 +19,7 @@ from ..attention.approx.contract import parse_approx_args, set_approx_args
 from ..attention.probes import MASS_CURVE_K, ApproxProbe, ApproxStats, nan_to_none
 from ..errors import UserInputError
 from .base import HookedHFLM, as_bool
+from .masking import select_heads
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,10 @@ log = logging.getLogger(__name__)
 class RetApproxLM(HookedHFLM):
     """HFLM whose attention layers are analysed against `approx` (default exact top-k) on every forward pass."""
 
-    OWN_ARGS = ("topk", "layerwise_topk_analysis", "approx", "approx_args", "min_visible_keys")
+    OWN_ARGS = (
+        "topk", "layerwise_topk_analysis", "approx", "approx_args", "min_visible_keys", "retrieval_top", "exact_heads",
+        "exact_heads_random",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -35,14 +39,12 @@ class RetApproxLM(HookedHFLM):
         approx: str | Callable | None = "exact_topk",
         approx_args: str | dict | None = None,
         min_visible_keys: int | None = None,
+        retrieval_top: int | str = 20,
+        exact_heads: int | str | None = None,
+        exact_heads_random: int | str | None = None,
         **kwargs: Any,
     ) -> None:
-        try:
-            topk = int(topk)
-        except (TypeError, ValueError):
-            raise UserInputError(f"topk must be a positive integer, got {topk!r}")
-        if topk <= 0:
-            raise UserInputError(f"topk must be a positive integer, got {topk}")
+        topk = _positive_topk(topk)
         approx_name, approx_fn = resolve_approx(approx)
         method_args = parse_approx_args(approx_args, approx_fn, approx_name)  # checked before the model loads
         super().__init__(**kwargs)
@@ -59,6 +61,7 @@ class RetApproxLM(HookedHFLM):
         )
         self.set_approx(approx_fn, approx_name, method_args)
         state.probes.append(self.probe)
+        self._set_head_groups(retrieval_top, exact_heads, exact_heads_random)
         self._pending_lengths: list[int] | None = None
         self._all_stats: ApproxStats | None = None  # every process's statistics added up, on rank 0
 
@@ -76,6 +79,45 @@ class RetApproxLM(HookedHFLM):
             set_approx_args(module, args or {})
         self.probe.approx_name = name or getattr(function, "__name__", "custom")
         self.approx_args = dict(args or {})
+        prepare = getattr(function, "prepare", None)  # e.g. Loki's calibration on another text
+        if prepare is not None:
+            prepare(self)
+
+    def _set_head_groups(self, retrieval_top: Any, exact_heads: Any, exact_heads_random: Any) -> None:
+        """`head_scores=FILE`: the file's top `retrieval_top` heads are reported against all others (and marked on the
+        heatmaps); `exact_heads=N` keeps its top N on exact attention, `exact_heads_random=N` (with `seed=`) N random
+        heads outside that top N, the control."""
+        shape = (self.hook_state.num_layers, self.hook_state.num_heads)
+        scores = self._mask_args.get("head_scores")
+        given = [name for name, value in (("exact_heads", exact_heads), ("exact_heads_random", exact_heads_random))
+                 if value not in (None, "")]  # fmt: skip
+        if len(given) > 1:
+            raise UserInputError("give exact_heads=N or exact_heads_random=N, not both")
+        if given and not scores:
+            raise UserInputError(f"{given[0]} needs head_scores=<head_score/model.json> to rank the heads")
+        try:
+            top = min(int(retrieval_top), shape[0] * shape[1])  # the default 20 on a model with fewer heads: all
+        except (TypeError, ValueError):
+            raise UserInputError(f"retrieval_top must be a number of heads, got {retrieval_top!r}") from None
+        self.retrieval_heads = select_heads(shape, mask_topk=top, head_scores=scores) if scores else []
+        self.retrieval_top = top if scores else None
+        self.exact_heads: list[tuple[int, int]] = []
+        if given == ["exact_heads"]:
+            self.exact_heads = select_heads(shape, mask_topk=exact_heads, head_scores=scores)
+        elif given == ["exact_heads_random"]:
+            seed = self._mask_args.get("seed", 0)
+            self.exact_heads = select_heads(shape, mask_random=exact_heads_random, head_scores=scores, seed=seed)
+        self.exact_heads_kind = given[0] if given else None
+        self.probe.set_exact_heads(self.exact_heads)
+
+    def configure(self, approx: str | Callable, topk: int, approx_args: str | dict | None = None) -> None:
+        """Another method and budget on the already loaded model, counted from zero (the leaderboard's runs)."""
+        name, function = resolve_approx(approx)
+        args = parse_approx_args(approx_args, function, name)
+        self.topk = _positive_topk(topk)
+        self.probe.reset(self.topk)
+        self._all_stats = None
+        self.set_approx(function, name, args)
 
     # ----------------------------------------------------------------------------------------------------------
     # lm-eval entry points: run as HFLM does, then write the reports
@@ -179,7 +221,35 @@ class RetApproxLM(HookedHFLM):
             "min_visible_keys": self.probe.min_visible_keys,
             "layers": layers,
             "mass_curve": {"k": list(MASS_CURVE_K), "mass": nan_to_none(stats.curve())},
+            **self._head_group_stats(stats),
         }
+
+    def _head_group_stats(self, stats: ApproxStats) -> dict[str, Any]:
+        """The retrieval heads of `head_scores=` against all other heads, and the heads kept exact, for the JSON."""
+        out: dict[str, Any] = {}
+        if self.exact_heads:
+            out["exact_heads"] = {"kind": self.exact_heads_kind, "heads": [f"{layer}-{head}" for layer, head in self.exact_heads]}
+        if not self.retrieval_heads:
+            return out
+        chosen = torch.zeros_like(stats.queries, dtype=torch.bool)
+        for layer, head in self.retrieval_heads:
+            chosen[layer, head] = True
+
+        def means(where: torch.Tensor) -> dict[str, float | None]:
+            counted = float(stats.queries[where].sum())
+            return {
+                name: (float(stats.sums[name][where].sum()) / counted if counted else None)
+                for name in ("recall", "error_norm", "approx_topk_mass")
+            }
+
+        out["retrieval_heads"] = {
+            "head_scores": str(self._mask_args.get("head_scores")),
+            "top": self.retrieval_top,
+            "heads": [f"{layer}-{head}" for layer, head in self.retrieval_heads],
+            "retrieval": means(chosen),
+            "others": means(~chosen),
+        }
+        return out
 
     def write_reports(self) -> None:
         """Add up every process's sums and counts on rank 0 and write the tables and plots there."""
@@ -204,3 +274,13 @@ class RetApproxLM(HookedHFLM):
 
     def get_model_info(self) -> dict:
         return {**super().get_model_info(), "retrieval_approx": self.recall_stats()}
+
+
+def _positive_topk(topk: Any) -> int:
+    try:
+        value = int(topk)
+    except (TypeError, ValueError):
+        raise UserInputError(f"topk must be a positive integer, got {topk!r}") from None
+    if value <= 0:
+        raise UserInputError(f"topk must be a positive integer, got {value}")
+    return value

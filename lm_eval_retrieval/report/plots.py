@@ -96,8 +96,10 @@ def heatmap_figure(
     cmap: str = "viridis",
     norm: Normalize | None = None,
     subtitle: str | None = None,
+    marked: list[tuple[int, int]] | None = None,
 ) -> Figure:
-    """A layer (y, layer 0 at the top) x head (x) heatmap with a colorbar; NaN cells are drawn grey."""
+    """A layer (y, layer 0 at the top) x head (x) heatmap with a colorbar; NaN cells are drawn grey; `marked`
+    (layer, head) cells get a red frame (the retrieval heads of a head-score file)."""
     grid = np.asarray(grid, dtype=float)
     if grid.ndim != 2 or grid.size == 0:
         raise UserInputError(f"a heatmap needs a non-empty layers x heads grid, got shape {grid.shape}")
@@ -117,6 +119,10 @@ def heatmap_figure(
     ax.xaxis.set_minor_locator(NullLocator())
     ax.yaxis.set_minor_locator(NullLocator())
     ax.set_title(title if subtitle is None else f"{title}\n{subtitle}", fontsize=11)
+    if marked:
+        ax.scatter([h for _, h in marked], [layer for layer, _ in marked], marker="s", s=60, facecolors="none",
+                   edgecolors="red", linewidths=1.2, label="retrieval heads")  # fmt: skip
+        ax.legend(loc="upper right", fontsize=7, framealpha=0.8)
     bar = fig.colorbar(image, ax=ax)
     bar.set_label(colorbar_label)
     if np.isnan(grid).all():
@@ -137,6 +143,7 @@ def topk_mass_heatmap(stats: RecallStats, which: str = "exact") -> Figure:
         f"Attention mass of {adjective} top-{k} ids",
         "attention mass (exact softmax)",
         subtitle=_run_label(stats),
+        marked=_retrieval_heads(stats),
     )
 
 
@@ -146,8 +153,20 @@ def recall_heatmap(stats: RecallStats) -> Figure:
     k = stats.topk
     return heatmap_figure(
         head_grid(stats, "recall"), f"Recall@{k} of retrieved keys vs exact top-{k}", f"Recall@{k}",
-        subtitle=_run_label(stats),
+        subtitle=_run_label(stats), marked=_retrieval_heads(stats),
     )
+
+
+def _retrieval_heads(stats: RecallStats) -> list[tuple[int, int]]:
+    """The (layer, head) pairs a run marked as retrieval heads (`head_scores=` on ret-approx-hf), else none."""
+    groups = stats.extra.get("retrieval_heads")
+    heads = groups.get("heads") if isinstance(groups, dict) else None
+    marked = []
+    for name in heads or []:
+        layer, _, head = str(name).partition("-")
+        if layer.isdigit() and head.isdigit():
+            marked.append((int(layer), int(head)))
+    return marked
 
 
 def mass_curve(stats: RecallStats) -> Figure:

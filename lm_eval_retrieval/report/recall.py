@@ -186,7 +186,36 @@ def format_recall_table(stats: Any) -> str:
         lines.append(
             f"n/a: {len(empty)} layer(s) counted no query (fewer than {stats.min_visible_keys} visible keys)."
         )
+    lines.extend(head_group_lines(stats))
     return "\n".join(lines)
+
+
+def head_group_lines(stats: Any) -> list[str]:
+    """Lines under the table for runs given `head_scores=`: the retrieval heads against the rest, the exact heads."""
+    extra = as_recall_stats(stats).extra
+    lines = []
+    groups = extra.get("retrieval_heads")
+    if isinstance(groups, Mapping):
+
+        def described(values: Any) -> str:
+            values = values if isinstance(values, Mapping) else {}
+            return ", ".join(
+                f"{label} {_fmt(values.get(key))}"
+                for label, key in (("mean recall", "recall"), ("error norm", "error_norm"),
+                                   ("approx top-k mass", "approx_topk_mass"))
+            )  # fmt: skip
+
+        lines += [
+            "",
+            f"Top-{groups.get('top')} retrieval heads of {groups.get('head_scores')} (marked on the heatmaps): "
+            f"{described(groups.get('retrieval'))}; all other heads: {described(groups.get('others'))}.",
+        ]
+    exact = extra.get("exact_heads")
+    if isinstance(exact, Mapping) and exact.get("heads"):
+        heads = exact["heads"]
+        kind = "the top retrieval heads" if exact.get("kind") == "exact_heads" else "random heads (the control)"
+        lines += ["", f"Kept on exact attention: {len(heads)} {kind}: {', '.join(heads)}."]
+    return lines
 
 
 # --------------------------------------------------------------------------------------------------------------------

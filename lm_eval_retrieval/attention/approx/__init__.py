@@ -5,6 +5,8 @@
 
 query (B, Hq, Q, D); key/value (B, Hkv, K, D) (GQA: query head h uses KV head h // (Hq/Hkv)); attention_mask is
 bool (B, 1, Q, K), True where the key is visible (causal, padding and sliding window applied).
+
+Beyond that call, a method may declare parameters, keep per-sequence state and report its cost: see contract.py.
 """
 
 from __future__ import annotations
@@ -15,11 +17,31 @@ from typing import Callable
 from ...errors import UserInputError
 from .common import exact_attention
 from .exact_topk import exact_topk
+from .h2o import h2o
+from .ivf import ivf
+from .loki import loki
+from .magicpig import magicpig
+from .quest import quest
 from .simhash import simhash
+from .snapkv import snapkv
+from .sparq import sparq
+from .streaming import streaming
 
 ApproxFn = Callable[..., tuple]
 
-BUILTIN: dict[str, ApproxFn] = {"exact_topk": exact_topk, "simhash": simhash}
+#: Every built-in method by its `approx=` name; each module's docstring names its paper and states its rule.
+BUILTIN: dict[str, ApproxFn] = {
+    "exact_topk": exact_topk,
+    "simhash": simhash,
+    "streaming": streaming,
+    "h2o": h2o,
+    "snapkv": snapkv,
+    "quest": quest,
+    "loki": loki,
+    "sparq": sparq,
+    "magicpig": magicpig,
+    "ivf": ivf,
+}
 
 
 def resolve_approx(spec: str | ApproxFn | None) -> tuple[str, ApproxFn]:
@@ -44,4 +66,4 @@ def resolve_approx(spec: str | ApproxFn | None) -> tuple[str, ApproxFn]:
     return spec, function
 
 
-__all__ = ["BUILTIN", "exact_attention", "exact_topk", "resolve_approx", "simhash"]
+__all__ = ["BUILTIN", "exact_attention", "resolve_approx", *BUILTIN]

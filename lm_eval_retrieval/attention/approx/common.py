@@ -121,3 +121,24 @@ def exact_attention(
     probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
     k = min(topk or 1, logits.shape[-1])
     return weighted_values(probs, value), probs, logits.topk(k, dim=-1).indices
+
+
+def static_keys(visible: torch.Tensor, sinks: int, window: int) -> torch.Tensor:
+    """Bool like `visible`: each row's first `sinks` and last `window` visible keys (the static keys that MagicPIG and
+    RetrievalAttention attend exactly)."""
+    rank = visible.long().cumsum(-1)  # 1-based rank of each visible key from the start
+    from_end = rank[..., -1:] - rank + 1  # 1-based rank from the end
+    return visible & ((rank <= sinks) | (from_end <= window))
+
+
+def padded_ids(chosen: torch.Tensor, visible: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ids (B, Hq, Q, width) of the chosen keys, first, then filler; and which slots are chosen.
+
+    A filler slot holds an invisible key where the row has one, else a repeat of the row's first id: the probe counts
+    both as nothing.
+    """
+    ids = chosen.float().topk(width, dim=-1).indices
+    taken = chosen.gather(-1, ids)
+    hidden = ~visible.expand_as(chosen)
+    filler = torch.where(hidden.any(-1), hidden.float().argmax(-1), ids[..., 0])
+    return torch.where(taken, ids, filler[..., None]), taken

@@ -1,0 +1,77 @@
+"""`sparq`: keys scored with the query's largest components, exact attention over the best k, mean-value fill-in.
+
+Paper: Luka Ribar, Ivan Chelombiev, Luke Hudlass-Galley, Charlie Blake, Carlo Luschi, Douglas Orr, "SparQ
+Attention: Bandwidth-Efficient LLM Inference", 2023, arXiv:2312.04985.
+
+Rule (the paper's Algorithm 1, per query). Take the r components of q with the largest magnitude (r = `rank`; the
+default 0 means D/8, the paper's r/D = 1/8 setting) and score every visible key with those components only,
+s_hat = softmax(q_r . k_r * scaling / sqrt(|q_r|_1 / |q|_1)): the paper's temperature sqrt(D |q_r|_1 / |q|_1) with
+the model's own scaling in place of 1/sqrt(D), soft-capped before the softmax where the model soft-caps. The topk
+keys by s_hat are kept (the budget is used as given: min(topk, visible) keys) and alpha = their s_hat mass. The
+output is alpha * (exact attention over those keys) + (1 - alpha) * (mean of the visible values), the paper's
+mean-value reallocation. With r = D the approximate scores are the exact ones, so the ids are exact top-k (the
+output still differs from exact top-k attention by the mean-value term).
+
+Cost model: scanned = (r / D) * visible_keys + picked_keys per query (the reduced scores, then the k exact ones).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .common import attend_over_picked, module_softcap, scores_against, weighted_values
+from .contract import approx_args, method, report_scanned
+
+NEG_INF = float("-inf")
+
+
+@method(rank=0)
+def sparq(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor,
+    scaling: float,
+    topk: int,
+) -> tuple[torch.Tensor, None, torch.Tensor]:
+    batch, q_heads, q_len, dim = query.shape
+    k_len = key.shape[2]
+    rank = sparq_rank(int(approx_args(module, sparq)["rank"]), dim)
+    visible = attention_mask.expand(batch, -1, q_len, k_len)
+    softcap = module_softcap(module)
+    approx = _approximate_logits(query, key, rank, scaling, softcap).masked_fill_(~visible, NEG_INF)
+    weights = torch.softmax(approx, dim=-1).nan_to_num_(0.0)
+    k = min(topk, k_len)
+    ids = approx.topk(k, dim=-1).indices
+    alpha = weights.gather(-1, ids).sum(-1, keepdim=True)
+    picked = attend_over_picked(query, key, value, visible, ids, scaling, softcap)
+    seen = visible.sum(-1, keepdim=True).expand(batch, q_heads, q_len, 1)
+    uniform = (visible.float() / seen.clamp(min=1)).expand(batch, q_heads, q_len, k_len)
+    mean_value = weighted_values(uniform.contiguous(), value)
+    output = alpha * picked + (1.0 - alpha) * mean_value
+    output = torch.where(seen > 0, output, 0.0)
+    report_scanned(module, seen.squeeze(-1) * (rank / dim) + seen.squeeze(-1).clamp(max=k))
+    return output, None, ids
+
+
+def sparq_rank(rank: int, dim: int) -> int:
+    """The rank used: `rank` if set (clamped to 1..D), else D/8."""
+    return min(dim, max(1, rank if rank > 0 else dim // 8))
+
+
+def _approximate_logits(
+    query: torch.Tensor, key: torch.Tensor, rank: int, scaling: float, softcap: float | None
+) -> torch.Tensor:
+    """q_r . k_r * scaling / sqrt(|q_r|_1 / |q|_1) (B, Hq, Q, K), q_r = q with all but its r largest-magnitude
+    components zeroed; soft-capped where the model soft-caps."""
+    q = query.float()
+    magnitude = q.abs()
+    top = magnitude.topk(rank, dim=-1).indices
+    kept = torch.zeros_like(q).scatter_(-1, top, q.gather(-1, top))
+    share = kept.abs().sum(-1, keepdim=True) / magnitude.sum(-1, keepdim=True).clamp(min=1e-30)
+    corrected = kept / share.clamp(min=1e-30).sqrt()
+    logits = scores_against(corrected, key.float().transpose(-1, -2), scaling)
+    if softcap:
+        logits = torch.tanh(logits / softcap).mul_(softcap)
+    return logits
