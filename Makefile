@@ -42,6 +42,7 @@ bench: install
 	$(BIN)/python benchmarks/generate_overhead.py
 	$(BIN)/python benchmarks/scale.py
 	$(BIN)/python benchmarks/startup.py
+	$(BIN)/python benchmarks/methods_overhead.py
 
 clean:
 	rm -rf build *.egg-info results

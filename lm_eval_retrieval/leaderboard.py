@@ -5,7 +5,8 @@ approximate output is handed on, so the task metrics show what the approximation
 `lm_eval.simple_evaluate` over the same documents; a first run with exact attention (no approximation) is the
 baseline the perplexity delta is taken against. Per run, the analysis gives the mean Recall@k, error norm and
 approximate mass, and the cost: attended and scanned, as percentages of each query's visible keys (means over every
-counted query, layer and head). Written: `leaderboard.csv`, `leaderboard.md`, `leaderboard.png` (recall against
+counted query, layer and head; every run counts the same queries: those with at least `min_visible_keys` visible keys,
+by default 10 x the smallest budget). Written: `leaderboard.csv`, `leaderboard.md`, `leaderboard.png` (recall against
 scanned %, one curve per method; NIAH accuracy against the budget where a NIAH task ran) and each run's own reports
 under `runs/<method>-<budget>/`. With `use_cache`, a run whose row was already written is read back, not rerun.
 """
@@ -80,7 +81,10 @@ def run_leaderboard(
             rows.append(json.loads(cached.read_text()))
             continue
         if lm is None:
-            options = {**model_args, "layerwise_topk_analysis": False, "topk": budgets[0]}
+            # One query population for every budget: the seed's 10 k rule at the smallest budget (a user's
+            # min_visible_keys wins), so that a large budget is not measured on long documents only, or on none.
+            options = {"min_visible_keys": 10 * budgets[0], **model_args}
+            options.update(layerwise_topk_analysis=False, topk=budgets[0])
             lm = RetApproxLM(**options, output_path=str(out / "runs"))
             task_manager = TaskManager(include_path=tasks_dir(), metadata={**model_args, **(metadata or {})})
         lm.output_dir = str(out / "runs" / _run_name(method, budget))

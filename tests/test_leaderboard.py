@@ -18,7 +18,7 @@ TASK_METADATA = {"doc_sentences": 12}
 @pytest.fixture(scope="module")
 def board(tiny_model_dir: str, tmp_path_factory) -> tuple[pd.DataFrame, Path, dict]:  # type: ignore[no-untyped-def]
     out = tmp_path_factory.mktemp("board")
-    model_args = {"pretrained": tiny_model_dir, "dtype": "float32", "min_visible_keys": 8}
+    model_args = {"pretrained": tiny_model_dir, "dtype": "float32"}
     table = run_leaderboard(
         model_args, ["streaming", "quest"], [2, 6], ["retrieval_ppl_en"], str(out), metadata=TASK_METADATA, limit=2
     )
@@ -33,6 +33,7 @@ def test_one_row_per_run_with_quality_cost_and_task_metric(board) -> None:  # ty
     exact = table[table["method"] == "exact"].iloc[0]
     assert exact["word_perplexity_delta"] == 0 and pd.isna(exact["recall"])
     runs = table[table["method"] != "exact"].set_index(["method", "budget"])
+    assert runs["queries"].nunique() == 1 and runs["queries"].iloc[0] > 0  # every budget counts the same queries
     assert (runs["scanned_pct"].loc["streaming"] == 0).all()  # positions only
     assert (runs["scanned_pct"].loc["quest"] > 0).all()
     for method in ("streaming", "quest"):  # a larger budget attends more keys and recalls more of the exact top-k

@@ -149,6 +149,7 @@ class ApproxProbe:
         self.topk = topk
         self.layerwise = layerwise
         self.min_visible_keys = 10 * topk if min_visible_keys is None else min_visible_keys
+        self._min_keys_follow_k = min_visible_keys is None
         self.chunk_elements = chunk_elements
         self.approx_name = approx_name
         self.curve_stride = curve_stride
@@ -172,9 +173,9 @@ class ApproxProbe:
 
     def reset(self, topk: int | None = None) -> None:
         """Start counting afresh (another method or budget on the same loaded model), optionally with another k;
-        a `min_visible_keys` left at its default (10 k) follows k."""
+        a `min_visible_keys` left at its default (10 k) follows k, one that was given stays."""
         if topk is not None:
-            if self.min_visible_keys == 10 * self.topk:
+            if self._min_keys_follow_k:
                 self.min_visible_keys = 10 * topk
             self.topk = topk
         layers, heads = self._stats.queries.shape
