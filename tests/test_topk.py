@@ -51,8 +51,11 @@ def test_numba_kernel_is_used_on_cpu() -> None:
     assert topk_module._numba_kernels() is not None, "numba is a dependency: the CPU path must not silently fall back"
 
 
-@pytest.mark.parametrize("q_len", [40, 3])  # 40 x 9 rows go through the kernel, 3 x 9 through torch
-def test_attend_topk_equals_the_definition(q_len: int) -> None:
+@pytest.mark.parametrize("numba", [True, False])  # without numba (and on GPUs) the same rule runs as torch ops
+@pytest.mark.parametrize("q_len", [40, 3])  # 40 x 9 rows: the parallel kernel; 3 x 9: the serial one
+def test_attend_topk_equals_the_definition(q_len: int, numba: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    if not numba:
+        monkeypatch.setattr(topk_module, "_numba_kernels", lambda: None)
     torch.manual_seed(q_len)
     batch, q_heads, kv_heads, k_len, dim, k = 2, 9, 3, 300, 16, 10
     scores = torch.randn(batch, q_heads, q_len, k_len) * 2

@@ -59,7 +59,39 @@ def best_blocks_scan(rows, maxima, block, values, indices):  # pragma: no cover 
                     _insert(best, where, v, j)
 
 
-@numba.njit(parallel=True, cache=True, nogil=True, fastmath={"contract"})
+@numba.njit(inline="always", fastmath={"contract"})
+def _attend_row(r, scores, ids, row_group, values, exact, lse, out, error, mass):  # pragma: no cover - compiled
+    k = scores.shape[1]
+    dim = values.shape[2]
+    top = scores[r, 0]
+    for d in range(dim):
+        out[r, d] = 0.0
+    total = 0.0
+    held = 0.0
+    group = row_group[r]
+    for j in range(k):
+        s = scores[r, j]
+        if s == -np.inf:
+            continue
+        w = np.exp(s - top)
+        total += w
+        held += np.exp(s - lse[r])
+        v = values[group, ids[r, j]]
+        for d in range(dim):
+            out[r, d] += w * v[d]
+    difference = 0.0
+    norm = 0.0
+    for d in range(dim):
+        if total > 0.0:
+            out[r, d] /= total
+        delta = out[r, d] - exact[r, d]
+        difference += delta * delta
+        norm += exact[r, d] * exact[r, d]
+    error[r] = np.sqrt(difference) / max(np.sqrt(norm), 1e-30)
+    mass[r] = held
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
 def attend_topk(scores, ids, row_group, values, exact, lse, out, error, mass):  # pragma: no cover - compiled
     """Softmax attention over each row's top-k keys, compared with the exact attention, in one pass per row.
 
@@ -68,32 +100,12 @@ def attend_topk(scores, ids, row_group, values, exact, lse, out, error, mass):  
     output and softmax log-normaliser. Writes out (R, D), the output of the softmax over the k scores (0 for a row
     that sees nothing); error (R,), ||out - exact|| / ||exact||; mass (R,), the exact softmax mass of the k keys.
     """
-    count, k = scores.shape
-    dim = values.shape[2]
-    for r in numba.prange(count):
-        top = scores[r, 0]
-        for d in range(dim):
-            out[r, d] = 0.0
-        total = 0.0
-        held = 0.0
-        group = row_group[r]
-        for j in range(k):
-            s = scores[r, j]
-            if s == -np.inf:
-                continue
-            w = np.exp(s - top)
-            total += w
-            held += np.exp(s - lse[r])
-            v = values[group, ids[r, j]]
-            for d in range(dim):
-                out[r, d] += w * v[d]
-        difference = 0.0
-        norm = 0.0
-        for d in range(dim):
-            if total > 0.0:
-                out[r, d] /= total
-            delta = out[r, d] - exact[r, d]
-            difference += delta * delta
-            norm += exact[r, d] * exact[r, d]
-        error[r] = np.sqrt(difference) / max(np.sqrt(norm), 1e-30)
-        mass[r] = held
+    for r in numba.prange(scores.shape[0]):
+        _attend_row(r, scores, ids, row_group, values, exact, lse, out, error, mass)
+
+
+@numba.njit(cache=True, nogil=True)
+def attend_topk_serial(scores, ids, row_group, values, exact, lse, out, error, mass):  # pragma: no cover - compiled
+    """`attend_topk` on the calling thread: a decode step's few rows cost less than waking numba's pool."""
+    for r in range(scores.shape[0]):
+        _attend_row(r, scores, ids, row_group, values, exact, lse, out, error, mass)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-from typing import Callable
-
 import torch
 
 from ..errors import UserInputError
@@ -12,6 +10,7 @@ from .approx.common import masked_logits, scores_against
 from .approx.contract import reset_state, take_scanned
 from .approx.exact_topk import exact_topk
 from .hook import AttentionCall, cpu_attention_with_lse
+from .set_metrics import id_set_metrics
 from .topk import attend_topk, row_topk
 
 MASS_CURVE_K = [2**i for i in range(11)]  # 1 .. 1024
@@ -325,7 +324,6 @@ class ApproxProbe:
             attended = denominator / keys_seen
             scanned = 1.0  # every visible key scored with its full vector
         else:
-            exact_mass = torch.where(exact_ok, (exact_scores - lse).exp(), 0.0).sum(-1)
             if attend is None:
                 attend = visible_mask(call, start, end)
             take_scanned(call.module)  # nothing left over from a call that was not analysed
@@ -333,18 +331,12 @@ class ApproxProbe:
             reported = take_scanned(call.module)
             self._check_approx(call.layer, query, call.value, approx_out, approx_ids, k_len)
             approx_out = approx_out.float()
-            if call.attention_mask is None:  # causal: query i of the chunk sees keys up to first_own + i
-                own = torch.arange(first_own, limit, device=approx_ids.device)[:, None]
-                is_visible = lambda ids: (ids >= 0) & (ids <= own)  # noqa: E731
-            else:
-                keys = attend.shape[-1]
-                is_visible = lambda ids: (  # noqa: E731
-                    (ids >= 0) & (ids < keys) & attend.expand(*ids.shape[:3], -1).gather(-1, ids.clamp(0, keys - 1))
-                )
-            recall, approx_mass, used = _set_metrics(
-                approx_ids, exact_ids, exact_ok, logits, lse, is_visible, denominator
-            )
-            error = (approx_out - exact_out).norm(dim=-1) / exact_out.norm(dim=-1).clamp_min(1e-30)
+            causal = call.attention_mask is None  # query i of the chunk sees keys up to first_own + i
+            hits, approx_mass, used, error, exact_mass = id_set_metrics(
+                logits, lse, exact_scores, exact_ids, approx_ids, approx_out, exact_out,
+                first_own if causal else None, None if causal else attend,
+            )  # fmt: skip
+            recall = hits / denominator
             attended = used / keys_seen
             scanned = NAN if reported is None else torch.as_tensor(reported, device=error.device) / keys_seen
         costs = [
@@ -425,32 +417,6 @@ class ApproxProbe:
             raise UserInputError(
                 f"approx function {self.approx_name} returned key ids outside 0..{k_len - 1}; ids index the keys"
             )
-
-
-def _set_metrics(
-    approx_ids: torch.Tensor,
-    exact_ids: torch.Tensor,
-    exact_ok: torch.Tensor,
-    logits: torch.Tensor,
-    lse: torch.Tensor,
-    is_visible: Callable[[torch.Tensor], torch.Tensor],
-    denominator: torch.Tensor | int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Recall@k, exact-softmax mass and size of an approximation's id set (repeats and invisible ids count nothing).
-
-    Order does not matter to a set: the ids are sorted, so repeats sit side by side and membership in the exact
-    top-k is a binary search, O(k log k) per query where a pairwise comparison would be O(k^2).
-    """
-    approx_ids = approx_ids.long().sort(dim=-1).values
-    first = torch.ones_like(approx_ids, dtype=torch.bool)
-    first[..., 1:] = approx_ids[..., 1:] != approx_ids[..., :-1]
-    approx_ok = first & is_visible(approx_ids)
-    picked = logits.gather(-1, approx_ids.clamp(0, logits.shape[-1] - 1))
-    exact_sorted = exact_ids.masked_fill(~exact_ok, -1).sort(dim=-1).values.contiguous()
-    slot = torch.searchsorted(exact_sorted, approx_ids.contiguous()).clamp_(max=exact_ids.shape[-1] - 1)
-    hits = (exact_sorted.gather(-1, slot) == approx_ids) & approx_ok
-    mass = torch.where(approx_ok, (picked - lse).exp(), 0.0).sum(-1)
-    return hits.sum(-1) / denominator, mass, approx_ok.sum(-1)
 
 
 def nan_to_none(values: torch.Tensor) -> list:

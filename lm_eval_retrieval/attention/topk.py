@@ -23,11 +23,15 @@ from __future__ import annotations
 import functools
 from typing import Callable
 
+import numpy as np
 import torch
+
+from ._numba import numba_module
 
 BLOCK = 32  # scores per block
 MIN_BLOCKS_PER_K = 4  # without numba, rows shorter than BLOCK * MIN_BLOCKS_PER_K * k go to torch.topk directly
-# Fewer rows (a decode step has one per head) cost less in torch.topk than waking a second thread pool beside torch's.
+# Fewer rows (a decode step has one per head) cost less in torch.topk, or in a kernel on the calling thread, than
+# waking a second thread pool beside torch's.
 MIN_KERNEL_ROWS = 256
 
 
@@ -91,7 +95,7 @@ def attend_topk(
     ||output - exact|| / ||exact|| (B, Hq, Q); exact softmax mass of the k keys (B, Hq, Q)).
     """
     kernels = _numba_kernels() if scores.device.type == "cpu" and scores.dtype == torch.float32 else None
-    if kernels is None or value.dtype != torch.float32 or ids.numel() < MIN_KERNEL_ROWS * ids.shape[-1]:
+    if kernels is None or value.dtype != torch.float32:
         from .approx.common import weighted_ids  # here: approx/ imports this module (simhash's top-k)
 
         weights = torch.softmax(scores, dim=-1).nan_to_num_(0.0)
@@ -102,25 +106,32 @@ def attend_topk(
     batch, q_heads, q_len, k = ids.shape
     kv_heads, dim = value.shape[1], value.shape[-1]
     groups = value.contiguous().view(batch * kv_heads, -1, dim)
-    head_group = torch.arange(batch * kv_heads).view(batch, kv_heads, 1).repeat_interleave(q_heads // kv_heads, 1)
-    row_group = head_group.expand(batch, q_heads, q_len).reshape(-1)
     rows = batch * q_heads * q_len
     output = torch.empty(rows, dim)
     error, mass = torch.empty(rows), torch.empty(rows)
-    match_torch_threads()
-    kernels.attend_topk(
-        scores.reshape(rows, k).contiguous().numpy(), ids.reshape(rows, k).contiguous().numpy(), row_group.numpy(),
-        groups.numpy(), exact.reshape(rows, dim).contiguous().numpy(), lse.reshape(rows).float().contiguous().numpy(),
-        output.numpy(), error.numpy(), mass.numpy(),
+    if rows >= MIN_KERNEL_ROWS:
+        kernel = kernels.attend_topk
+        match_torch_threads()
+    else:
+        kernel = kernels.attend_topk_serial
+    kernel(
+        scores.reshape(rows, k).contiguous().numpy(), ids.reshape(rows, k).contiguous().numpy(),
+        row_groups(batch, q_heads, kv_heads, q_len), groups.numpy(), exact.reshape(rows, dim).contiguous().numpy(),
+        lse.reshape(rows).float().contiguous().numpy(), output.numpy(), error.numpy(), mass.numpy(),
     )  # fmt: skip
     return output.view(batch, q_heads, q_len, dim), error.view(batch, q_heads, q_len), mass.view(batch, q_heads, q_len)
 
 
-@functools.cache
+@functools.lru_cache(maxsize=64)
+def row_groups(batch: int, q_heads: int, kv_heads: int, q_len: int) -> np.ndarray:
+    """For each row (batch, query head, query) in order, the (batch x KV head) group whose keys and values it reads
+    (grouped-query attention shares a KV head between q_heads / kv_heads query heads). Shapes only, so a decode
+    step reuses it."""
+    group = np.arange(batch * kv_heads).reshape(batch, kv_heads, 1, 1)
+    group = np.repeat(group, q_heads // kv_heads, axis=1)
+    return np.ascontiguousarray(np.broadcast_to(group, (batch, q_heads, q_len, 1))).reshape(-1)
+
+
 def _numba_kernels():  # type: ignore[no-untyped-def]
     """The compiled kernels (see _topk_scan.py), or None where numba cannot be imported (torch paths are used)."""
-    try:
-        from . import _topk_scan
-    except ImportError:
-        return None
-    return _topk_scan
+    return numba_module("_topk_scan")

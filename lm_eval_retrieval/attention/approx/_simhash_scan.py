@@ -1,5 +1,6 @@
-"""The numba kernel behind `simhash` on CPUs: codes compared by popcount, the k best keys picked by counting, and
-attention over them, one row at a time, so no (queries x keys) matrix is ever written.
+"""The numba kernels behind `simhash` on CPUs: codes compared by popcount, the k best keys picked by counting, and
+attention over them, one row at a time, so no (queries x keys) matrix is ever written. Key codes are packed once
+per key (`pack_codes`) and kept by the caller for the rest of the sequence.
 
 Compiled on first use and cached beside this file (`cache=True`).
 """
@@ -8,7 +9,6 @@ from __future__ import annotations
 
 import numba
 import numpy as np
-
 
 @numba.njit(inline="always")
 def _popcount(x):  # pragma: no cover - compiled
@@ -28,77 +28,138 @@ def _code(projections):  # pragma: no cover - compiled
     return code
 
 
-@numba.njit(parallel=True, cache=True, nogil=True, fastmath={"contract"})
+@numba.njit(parallel=True, cache=True, nogil=True)
+def pack_codes(projections, codes, start):  # pragma: no cover - compiled
+    """codes[g, j] = the packed signs of projections[g, j - start] for every j >= start (G, K) int64."""
+    groups, length = projections.shape[0], projections.shape[1]
+    for g in numba.prange(groups * length):
+        codes[g // length, start + g % length] = _code(projections[g // length, g % length])
+
+
+@numba.njit(inline="always", fastmath={"contract"})
+def _attend_row(
+    r, query_proj, key_codes, bits, row_group, visible, row_mask, row_end, query, keys, values, scaling, softcap,
+    ids, out,
+):  # pragma: no cover - compiled
+    k = ids.shape[1]
+    key_len = visible.shape[1]
+    dim = query.shape[1]
+    far = np.int32(bits + 2)  # the distance an invisible key gets: beyond any level, never taken
+    group, mask, code = row_group[r], visible[row_mask[r]], _code(query_proj[r])
+    end, codes = row_end[row_mask[r]], key_codes[group]
+    distance = np.empty(end, dtype=np.int32)
+    for j in range(end):
+        distance[j] = np.int32(_popcount(code ^ codes[j])) if mask[j] else far
+    # The cut: every key closer than `level` is taken, and the most recent `room` keys at `level`. The level is
+    # found by counting the keys within each distance in turn: branch-free passes the compiler vectorises, which
+    # beat one histogram (whose increments of one bin wait on each other) for the few levels k needs.
+    taken, level = 0, 0
+    while level <= bits:
+        within = np.int32(0)
+        for j in range(end):
+            within -= (distance[j] - level - 1) >> 31  # -1 where distance <= level
+        if within >= k:
+            break
+        taken = within
+        level += 1
+    room = k - taken
+    # The keys within `level`, oldest first, gathered without a branch (each key is written, the count moves only
+    # past a key within); then walked newest first, so ties at the cut go to the more recent keys.
+    candidates = np.empty(end + 1, dtype=np.int32)
+    count = 0
+    for j in range(end):
+        candidates[count] = j
+        count -= (distance[j] - level - 1) >> 31
+    found = 0
+    for c in range(count - 1, -1, -1):
+        j = candidates[c]
+        if distance[j] < level or room > 0:
+            if distance[j] == level:
+                room -= 1
+            ids[r, found] = j
+            found += 1
+            if found == k:
+                break
+    chosen = found
+    for j in range(key_len):  # fewer than k visible keys: invisible placeholders
+        if found == k:
+            break
+        if not mask[j]:
+            ids[r, found] = j
+            found += 1
+    # Exact softmax attention over the chosen keys.
+    for d in range(dim):
+        out[r, d] = 0.0
+    if chosen == 0:
+        return
+    scores = np.empty(chosen, dtype=np.float32)
+    top = -np.inf
+    for c in range(chosen):
+        key = keys[group, ids[r, c]]
+        s = 0.0
+        for d in range(dim):
+            s += query[r, d] * key[d]
+        s *= scaling
+        if softcap > 0.0:
+            s = softcap * np.tanh(s / softcap)
+        scores[c] = s
+        top = max(top, s)
+    total = 0.0
+    for c in range(chosen):
+        w = np.exp(scores[c] - top)
+        total += w
+        value = values[group, ids[r, c]]
+        for d in range(dim):
+            out[r, d] += w * value[d]
+    for d in range(dim):
+        out[r, d] /= total
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
 def simhash_attend(
-    query_proj, key_proj, row_group, visible, row_mask, query, keys, values, scaling, softcap, ids, out
+    query_proj, key_codes, bits, row_group, visible, row_mask, row_end, query, keys, values, scaling, softcap, ids,
+    out,
 ):  # pragma: no cover - compiled
     """For each row r (a query of one head): the k = ids.shape[1] visible keys whose codes differ from the row's
     code in the fewest bits, ties to the more recent key, into `ids`; the softmax attention over them into `out`.
 
-    query_proj (R, bits) and key_proj (G, K, bits): projections on the hyperplanes, whose signs are the codes;
-    row_group (R,): the row's (batch x KV head) index into key_proj/keys/values (G, K, D); visible (M, K) bool and
-    row_mask (R,): the row's mask row; query (R, D) float32. A row with fewer than k visible keys takes them all and
-    fills the rest of its ids with invisible keys, which get no weight; a row that sees nothing gets 0.
+    query_proj (R, bits): the row's projections on the hyperplanes, whose signs are its code; key_codes (G, K):
+    the keys' packed codes (`pack_codes`); row_group (R,): the row's (batch x KV head) index into key_codes and
+    keys/values (G, K, D); visible (M, K) bool and row_mask (R,): the row's mask row; row_end (M,): one past the
+    last visible key of each mask row (no key after it is read); query (R, D) float32. A row with fewer than k
+    visible keys takes them all and fills the rest of its ids with invisible keys, which get no weight; a row that
+    sees nothing gets 0.
     """
-    count, k = ids.shape
-    groups, key_len, bits = key_proj.shape
-    dim = query.shape[1]
-    key_codes = np.empty((groups, key_len), dtype=np.int64)
-    for g in numba.prange(groups * key_len):
-        key_codes[g // key_len, g % key_len] = _code(key_proj[g // key_len, g % key_len])
-    for r in numba.prange(count):
-        group, mask, code = row_group[r], visible[row_mask[r]], _code(query_proj[r])
-        histogram = np.zeros(bits + 1, dtype=np.int64)
-        for j in range(key_len):
-            if mask[j]:
-                histogram[_popcount(code ^ key_codes[group, j])] += 1
-        # The cut: every key closer than `level` is taken, and the most recent `room` keys at `level`.
-        taken, level = 0, 0
-        while level <= bits and taken + histogram[level] < k:
-            taken += histogram[level]
-            level += 1
-        room = k - taken
-        found = 0
-        for j in range(key_len - 1, -1, -1):  # newest first, so ties at the cut go to the more recent keys
-            if mask[j]:
-                distance = _popcount(code ^ key_codes[group, j])
-                if distance < level or (distance == level and room > 0):
-                    if distance == level:
-                        room -= 1
-                    ids[r, found] = j
-                    found += 1
-                    if found == k:
-                        break
-        chosen = found
-        for j in range(key_len):  # fewer than k visible keys: invisible placeholders
-            if found == k:
-                break
-            if not mask[j]:
-                ids[r, found] = j
-                found += 1
-        # Exact softmax attention over the chosen keys.
-        for d in range(dim):
-            out[r, d] = 0.0
-        if chosen == 0:
-            continue
-        scores = np.empty(chosen, dtype=np.float32)
-        top = -np.inf
-        for c in range(chosen):
-            key = keys[group, ids[r, c]]
-            s = 0.0
-            for d in range(dim):
-                s += query[r, d] * key[d]
-            s *= scaling
-            if softcap > 0.0:
-                s = softcap * np.tanh(s / softcap)
-            scores[c] = s
-            top = max(top, s)
-        total = 0.0
-        for c in range(chosen):
-            w = np.exp(scores[c] - top)
-            total += w
-            value = values[group, ids[r, c]]
-            for d in range(dim):
-                out[r, d] += w * value[d]
-        for d in range(dim):
-            out[r, d] /= total
+    for r in numba.prange(ids.shape[0]):
+        _attend_row(
+            r, query_proj, key_codes, bits, row_group, visible, row_mask, row_end, query, keys, values, scaling,
+            softcap, ids, out,
+        )  # fmt: skip
+
+
+@numba.njit(cache=True, nogil=True)
+def simhash_attend_serial(
+    query_proj, key_codes, bits, row_group, visible, row_mask, row_end, query, keys, values, scaling, softcap, ids,
+    out,
+):  # pragma: no cover - compiled
+    """`simhash_attend` on the calling thread: a decode step's few rows cost less than waking numba's pool."""
+    for r in range(ids.shape[0]):
+        _attend_row(
+            r, query_proj, key_codes, bits, row_group, visible, row_mask, row_end, query, keys, values, scaling,
+            softcap, ids, out,
+        )  # fmt: skip
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def row_extents(visible, counts, ends):  # pragma: no cover - compiled
+    """For each mask row m of visible (M, K) bool: counts[m], its visible keys; ends[m], one past its last one (0
+    if none). Torch would convert the whole mask to integers for each."""
+    for m in numba.prange(visible.shape[0]):
+        row = visible[m]
+        end = row.shape[0]
+        while end > 0 and not row[end - 1]:
+            end -= 1
+        count = 0
+        for j in range(end):
+            count += row[j]
+        counts[m], ends[m] = count, end

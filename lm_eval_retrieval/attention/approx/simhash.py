@@ -8,21 +8,23 @@ Recall is below 1 wherever the code disagrees with the true scores, which is wha
 recall table and heatmaps are there to show.
 
 On a CPU the codes are packed into integers (bits <= 62) and compared by popcount in a numba kernel
-(`_simhash_scan.py`) that picks each query's keys by counting and attends over them, never writing a (queries x keys) matrix; elsewhere the
+(`_simhash_scan.py`) that picks each query's keys by counting and attends over them, never writing a (queries x keys)
+matrix; the keys' codes are packed once per sequence and extended at each decode step. Elsewhere the
 same rule runs as torch operations (agreement = bits - 2 x Hamming distance, plus a recency fraction below one bit).
 """
 
 from __future__ import annotations
 
 import functools
-import weakref
+from typing import Any
 
 import torch
 
 from ...errors import UserInputError
-from ..topk import match_torch_threads, row_topk
+from .._numba import numba_module
+from ..topk import MIN_KERNEL_ROWS, match_torch_threads, row_groups, row_topk
 from .common import attend_over_picked, module_softcap
-from .contract import approx_args, method, report_scanned
+from .contract import approx_args, approx_state, method, report_scanned
 
 DEFAULT_BITS = 16
 MAX_BITS = 62  # codes are packed into one int64
@@ -54,12 +56,10 @@ def simhash(
     if not 0 < bits <= MAX_BITS:
         raise UserInputError(f"approx=simhash needs 1 <= bits <= {MAX_BITS}, got bits={bits}")
     planes = _hyperplanes(module, dim, bits, query.device)
-    # Cost: a bits-wide code compared with every visible key (bits / dim of a key vector each), then k exact scores.
-    visible = attention_mask.sum(-1).expand(batch, q_heads, q_len)
-    report_scanned(module, visible * (bits / dim) + min(topk, key.shape[2]))
     kernel = _numba_kernel() if query.device.type == "cpu" else None
     if kernel is not None:
         return _simhash_kernel(kernel, module, query, key, value, attention_mask, scaling, topk, planes)
+    _report_cost(module, attention_mask.sum(-1), (batch, q_heads, q_len), bits, dim, min(topk, key.shape[2]))
     kv_heads = key.shape[1]
     # Keys after the last one any of these queries may see cannot be retrieved: score only up to it.
     seen = attention_mask.flatten(0, -2).any(0).nonzero()
@@ -76,39 +76,46 @@ def simhash(
     return output, None, ids
 
 
+def _report_cost(
+    module: torch.nn.Module, visible: torch.Tensor, shape: tuple[int, int, int], bits: int, dim: int, k: int
+) -> None:
+    """A bits-wide code compared with every visible key (bits / dim of a key vector each), then k exact scores."""
+    report_scanned(module, visible.expand(*shape) * (bits / dim) + k)
+
+
 def _signs(projections: torch.Tensor) -> torch.Tensor:
     """+1 where a projection is positive, -1 elsewhere (as the packed bits of the CPU kernel)."""
     return torch.where(projections > 0, 1.0, -1.0)
 
 
 def _simhash_kernel(  # type: ignore[no-untyped-def]
-    kernel, module, query, key, value, attention_mask, scaling, topk, planes
+    kernels, module, query, key, value, attention_mask, scaling, topk, planes
 ):
     """The CPU path: see the module docstring and `_simhash_scan.simhash_attend`."""
     batch, q_heads, q_len, dim = query.shape
     kv_heads, k_len = key.shape[1], key.shape[2]
     k = min(topk, k_len)
-    group = q_heads // kv_heads
     query_proj = (query.float() @ planes).reshape(-1, planes.shape[1])
-    key_proj = _key_projections(module, key, planes).view(batch * kv_heads, k_len, planes.shape[1])
-    heads = torch.arange(q_heads).repeat_interleave(q_len)
-    row_group = (torch.arange(batch)[:, None] * kv_heads + heads // group).reshape(-1)
+    key_codes = _key_codes(kernels, module, key, planes)
     mask_heads = attention_mask.shape[1]
     mask = attention_mask.expand(batch, mask_heads, q_len, k_len).reshape(-1, k_len).contiguous()
-    positions = torch.arange(q_len).repeat(q_heads)
-    row_mask = (
-        torch.arange(batch)[:, None] * (mask_heads * q_len)
-        + (heads if mask_heads > 1 else torch.zeros_like(heads)) * q_len
-        + positions
-    ).reshape(-1)
+    row_group, row_mask = row_groups(batch, q_heads, kv_heads, q_len), _mask_rows(batch, q_heads, q_len, mask_heads)
+    counts, row_end = torch.empty(mask.shape[0], dtype=torch.int64), torch.empty(mask.shape[0], dtype=torch.int64)
+    kernels.row_extents(mask.numpy(), counts.numpy(), row_end.numpy())
+    counts = counts.view(batch, mask_heads, q_len)
+    _report_cost(module, counts.float(), (batch, q_heads, q_len), planes.shape[1], dim, k)
     rows = batch * q_heads * q_len
     ids = torch.empty(rows, k, dtype=torch.int64)
     out = torch.empty(rows, value.shape[-1])
     softcap = module_softcap(module) or 0.0
-    match_torch_threads()
+    if rows >= MIN_KERNEL_ROWS:
+        kernel = kernels.simhash_attend
+        match_torch_threads()
+    else:
+        kernel = kernels.simhash_attend_serial
     kernel(
-        query_proj.numpy(), key_proj.numpy(), row_group.numpy(), mask.numpy(), row_mask.numpy(),
-        query.float().reshape(rows, dim).contiguous().numpy(),
+        query_proj.numpy(), key_codes.numpy(), planes.shape[1], row_group, mask.numpy(), row_mask,
+        row_end.numpy(), query.float().reshape(rows, dim).contiguous().numpy(),
         key.float().contiguous().view(batch * kv_heads, k_len, dim).numpy(),
         value.float().contiguous().view(batch * kv_heads, k_len, -1).numpy(), float(scaling), float(softcap),
         ids.numpy(), out.numpy(),
@@ -117,23 +124,43 @@ def _simhash_kernel(  # type: ignore[no-untyped-def]
     return out.view(*shape, -1), None, ids.view(*shape, k)
 
 
-def _key_projections(module: torch.nn.Module, key: torch.Tensor, planes: torch.Tensor) -> torch.Tensor:
-    """key @ planes, kept for the next call with this very key tensor: the probe hands a long prefill's queries over
-    chunk by chunk against the same keys, which would otherwise be projected once per chunk."""
-    cached = getattr(module, "_simhash_key_proj", None)
-    stamp = (key.data_ptr(), tuple(key.shape), key._version, planes.data_ptr())
-    if cached is not None and cached[0]() is key and cached[1] == stamp:
-        return cached[2]
-    projections = key.float() @ planes
-    module._simhash_key_proj = (weakref.ref(key), stamp, projections)
-    return projections
+@functools.lru_cache(maxsize=64)
+def _mask_rows(batch: int, q_heads: int, q_len: int, mask_heads: int) -> Any:
+    """For each row (batch, head, query) in order, its row of the flattened (B x mask heads x Q) mask, as a numpy
+    array; it depends on shapes only, so a decode step reuses it."""
+    rows = torch.arange(batch * mask_heads * q_len).view(batch, mask_heads, q_len)
+    return rows.expand(batch, q_heads, q_len).reshape(-1).numpy()
 
 
-@functools.cache
+def _key_codes(kernels, module: torch.nn.Module, key: torch.Tensor, planes: torch.Tensor) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    """The packed codes of every key (B x Hkv, K) int64, kept in the sequence's state and extended by the keys a
+    decode step (or a later prefill chunk) adds: a cached key never changes within a sequence, and re-projecting the
+    whole cache at every step cost more than the step's own search.
+
+    The state is trusted only if the first and last keys it has codes for are still the same vectors (a direct call
+    with other keys of the same shape starts afresh)."""
+    batch, kv_heads, k_len, dim = key.shape
+    groups = key.reshape(batch * kv_heads, k_len, dim)
+    state = approx_state(module)
+    kept = state.get("simhash_codes")
+    known = 0
+    if kept is not None:
+        codes, ends, known_planes = kept
+        known = codes.shape[1] if codes.shape[0] == groups.shape[0] and known_planes is planes else 0
+        known = min(known, k_len)
+        if known and not (torch.equal(ends[0], groups[:, 0]) and torch.equal(ends[1], groups[:, known - 1])):
+            known = 0
+    if known == k_len:
+        return codes
+    fresh = torch.empty(groups.shape[0], k_len, dtype=torch.int64)
+    if known:
+        fresh[:, :known] = codes[:, :known]
+    projections = (groups[:, known:].float() @ planes).contiguous()
+    kernels.pack_codes(projections.numpy(), fresh.numpy(), known)
+    state["simhash_codes"] = (fresh, (groups[:, 0].clone(), groups[:, -1].clone()), planes)
+    return fresh
+
+
 def _numba_kernel():  # type: ignore[no-untyped-def]
-    """The compiled kernel, or None where numba cannot be imported (the torch path is used)."""
-    try:
-        from ._simhash_scan import simhash_attend
-    except ImportError:
-        return None
-    return simhash_attend
+    """The compiled kernel module, or None where numba cannot be imported (the torch path is used)."""
+    return numba_module("approx._simhash_scan")
