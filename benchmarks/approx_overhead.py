@@ -59,14 +59,15 @@ def measure(fn) -> tuple[float, float]:
 @contextmanager
 def unhooked(model, state, attn: str) -> Iterator[None]:
     """Run `model` without the plugin's probes on the `attn` backend (its own hooked name keeps the hook, probe-free)."""
-    hooked, probes = model.config._attn_implementation, list(state.probes)
+    from lm_eval_retrieval.attention.hook import probes_replaced
+
+    hooked = model.config._attn_implementation
     model.set_attn_implementation(attn)
-    state.probes[:] = []
     try:
-        yield
+        with probes_replaced(state, []):
+            yield
     finally:
         model.set_attn_implementation(hooked)
-        state.probes[:] = probes
 
 
 def naive_bytes(config, dtype: torch.dtype, length: int) -> float:

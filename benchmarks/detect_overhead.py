@@ -3,8 +3,11 @@
 For each context length, the same NIAH prompts are answered twice: by `model.generate` (greedy, the same number of
 new tokens, on the unhooked backend: the model exactly as transformers runs it) and by `RetrievalHeadLM.trace_document`
 (prefill at backend speed, then the retrieval probe on every decode step). The ratio is what detection costs.
+`--scores` times detection once per set of head scores given (`copy`, the default, is the plain detection;
+`"copy;mass;qr;distant"` all four in one pass), each against the same `generate`.
 
     python benchmarks/detect_overhead.py [--lengths 1000 2000] [--docs 3] [--repeats 2]
+                                         [--scores copy "copy;mass;qr;distant"]
 """
 
 from __future__ import annotations
@@ -25,23 +28,30 @@ def main() -> None:
     parser.add_argument("--docs", type=int, default=3, help="documents per length (different needles and depths)")
     parser.add_argument("--repeats", type=int, default=2, help="timed repeats; the best is kept")
     parser.add_argument("--base_attn", default="sdpa")
+    parser.add_argument(
+        "--scores", nargs="+", default=["copy"], help='sets of head scores to time, e.g. copy "copy;mass;qr;distant"'
+    )
     args = parser.parse_args()
 
     from lm_eval_retrieval.haystack import build_document, get_needles, load_haystack_text, split_sentences
+    from lm_eval_retrieval.metrics.head_scores import parse_scores
     from lm_eval_retrieval.models.head_trace import RetrievalHeadLM
+
+    score_sets = [parse_scores(scores) for scores in args.scores]
 
     lm = RetrievalHeadLM(pretrained="smollm2-135m", base_attn=args.base_attn, output_path="/tmp/lmr-bench")
     sentences = split_sentences(load_haystack_text("en"), "en")
     needles = get_needles("en")
     print(f"torch threads: {torch.get_num_threads()}, base_attn={args.base_attn}")
-    print("| context | docs | new tokens | generate (s) | detection (s) | ratio |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    columns = "".join(f" detection {';'.join(names)} (s) | ratio |" for names in score_sets)
+    print(f"| context | docs | new tokens | generate (s) |{columns}")
+    print("|---:|---:|---:|---:|" + "---:|---:|" * len(score_sets))
     for length in args.lengths:
         docs = [
             build_document(lm.tokenizer, sentences, needles[i % len(needles)], length, 100.0 * i / max(args.docs - 1, 1))
             for i in range(args.docs)
         ]
-        plain_times, probe_times, new_tokens = [], [], 0
+        plain_times, probe_times, new_tokens = [], [[] for _ in score_sets], 0
         for doc in docs:
             ids = torch.tensor([lm.tokenizer(doc["input"], add_special_tokens=False)["input_ids"]])
             # Detection first, to learn how many tokens the answer takes; generate then makes exactly as many.
@@ -65,9 +75,12 @@ def main() -> None:
                 lm.trace_document(doc["input"], doc, {"until": ["\n"]})
 
             plain_times.append(_best_of(plain, args.repeats))
-            probe_times.append(_best_of(detect, args.repeats))
-        plain_s, probe_s = sum(plain_times), sum(probe_times)
-        print(f"| {length} | {len(docs)} | {new_tokens} | {plain_s:.2f} | {probe_s:.2f} | {probe_s / plain_s:.2f}x |")
+            for times, names in zip(probe_times, score_sets):
+                lm.score_names = names
+                times.append(_best_of(detect, args.repeats))
+        plain_s = sum(plain_times)
+        cells = "".join(f" {sum(times):.2f} | {sum(times) / plain_s:.2f}x |" for times in probe_times)
+        print(f"| {length} | {len(docs)} | {new_tokens} | {plain_s:.2f} |{cells}")
 
 
 def _answer_steps(lm, doc) -> int:

@@ -70,8 +70,9 @@ def _run(lm_eval_args: list[str]) -> int:
 
 def _approx(args: argparse.Namespace, passthrough: list[str]) -> int:
     """The original `check_retrieved_perf.py` flags, turned into an `lm_eval run` of ret-approx-hf."""
-    if args.topk <= 0:
-        raise UserInputError(f"--topk must be a positive integer, got {args.topk}")
+    from .attention.budget import parse_budget
+
+    parse_budget(args.topk, "--topk")
     model_args = [
         f"pretrained={args.pretrained}",
         f"topk={args.topk}",
@@ -114,20 +115,25 @@ def _mask_sweep(args: argparse.Namespace) -> int:
 
     from lm_eval.utils import simple_parse_args_string
 
-    from .mask_sweep import default_output_dir, parse_ks, run_mask_sweep
+    from .mask_sweep import check_head_score_files, default_output_dir, parse_ks, parse_seeds, run_mask_sweep
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     ks = parse_ks(args.ks)
+    if args.seeds is not None and args.seed is not None:
+        raise UserInputError("give --seed S (one random draw) or --seeds 0,1,2 (several), not both")
+    seeds = parse_seeds(args.seeds) if args.seeds is not None else [0 if args.seed is None else args.seed]
     metadata = json.loads(args.metadata) if args.metadata else None
     if metadata is not None and not isinstance(metadata, dict):
         raise UserInputError("--metadata must be a JSON object, e.g. '{\"context_lengths\":[500,1000]}'")
+    check_head_score_files(args.head_scores)
     output = args.output_path or default_output_dir(args.head_scores)
     check_writable(output)
     table = run_mask_sweep(
         simple_parse_args_string(args.model_args), args.head_scores, ks, args.tasks.split(","), output,
-        metadata=metadata, seed=args.seed, mode=args.mask_mode, limit=args.limit, use_cache=args.use_cache,
+        metadata=metadata, seeds=seeds, mode=args.mask_mode, limit=args.limit, use_cache=args.use_cache,
     )
-    print(table.drop(columns=["heads"]).to_markdown(index=False))
+    shown = table.drop(columns=["heads", "file"]).astype({"seed": "object"}).fillna("")
+    print(shown.to_markdown(index=False))
     print(f"written under {output}: mask_sweep.csv, mask_sweep.png, one NIAH heatmap per run")
     return 0
 
@@ -161,18 +167,71 @@ def _leaderboard(args: argparse.Namespace) -> int:
 
 
 def _heads(args: argparse.Namespace) -> int:
-    from .report.heads import compare_head_scores, format_comparison, format_ranking, load_head_scores
+    from .report.heads import (
+        compare_head_scores, compare_many, format_comparison, format_matrix, format_ranking, load_head_scores,
+        method_labels,
+    )
 
     if args.top <= 0:
         raise UserInputError(f"--top must be a positive number of heads, got {args.top}")
-    scores = load_head_scores(args.file)
+    files = [*args.file, *(args.compare or [])]
+    if not files:
+        raise UserInputError("give a head-score file: heads FILE, or heads A B C --compare to compare several")
     if args.compare is None:
-        print(format_ranking(scores, top=args.top))
+        if len(files) != 1:
+            raise UserInputError(
+                f"heads ranks one file and got {len(files)}; to compare several add --compare: heads A B C --compare"
+            )
+        print(format_ranking(load_head_scores(files[0]), top=args.top))
         return 0
-    other = load_head_scores(args.compare)
-    result = compare_head_scores(scores, other, top=args.top)
-    print(format_comparison(result, Path(args.file).stem, Path(args.compare).stem))
+    if len(files) < 2:
+        raise UserInputError("--compare needs at least two head-score files: heads A B [C ...] --compare")
+    scores = [load_head_scores(path) for path in files]
+    if len(files) == 2:  # side by side, as before
+        result = compare_head_scores(scores[0], scores[1], top=args.top)
+        print(format_comparison(result, Path(files[0]).stem, Path(files[1]).stem))
+        return 0
+    labels = method_labels(files)
+    print(format_matrix(compare_many(list(zip(labels, scores))), top=args.top, files=files))
     return 0
+
+
+def _detect(args: argparse.Namespace, passthrough: list[str]) -> int:
+    """The original `retrieval_head_detection.py` / `retrieval_head_multiling_detection.py` flags, turned into an
+    `lm_eval run` of retrieval-head-hf over the bundled NIAH task; the lm_eval form is printed first."""
+    from .original_cli import check_lengths_fit, check_wandb, detect_lm_eval_args, result_name, shell_form
+
+    lm_eval_args = detect_lm_eval_args(args, passthrough)
+    print(f"lm_eval form: {shell_form(lm_eval_args)}", flush=True)
+    check_wandb(lm_eval_args)
+    check_lengths_fit(args)
+    _run(lm_eval_args)
+    output = lm_eval_args[lm_eval_args.index("--output_path") + 1]
+    path = Path(output) / "head_score" / f"{result_name(str(args.model_path))}.json"
+    if path.is_file():
+        from .report.heads import format_ranking, load_head_scores
+
+        print(f"head scores: {path}")
+        print(format_ranking(load_head_scores(path), top=10))
+    return 0
+
+
+def _mask(args: argparse.Namespace, passthrough: list[str]) -> int:
+    """The original `needle_in_haystack_with_mask.py` flags, turned into an `lm_eval run` of retrieval-head-hf with
+    `mask_topk=` / `mask_random=`; the lm_eval form is printed first."""
+    from .original_cli import check_lengths_fit, check_wandb, mask_head_scores, mask_lm_eval_args, shell_form
+
+    lm_eval_args = mask_lm_eval_args(args, passthrough)
+    print(f"lm_eval form: {shell_form(lm_eval_args)}", flush=True)
+    check_wandb(lm_eval_args)
+    head_scores = mask_head_scores(args)
+    if int(args.mask_topk) != 0 and not Path(head_scores).is_file():
+        raise UserInputError(
+            f"head-score file {head_scores} does not exist: run `lm-eval-retrieval detect` with the same --model_path "
+            "and languages first, or give --head_scores FILE"
+        )
+    check_lengths_fit(args)
+    return _run(lm_eval_args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -187,10 +246,16 @@ def build_parser() -> argparse.ArgumentParser:
         "argument ending in .yaml is a run config (lm_eval --config), e.g. configs/smollm2-135m.yaml.",
     )
     run.add_argument("lm_eval_args", nargs=argparse.REMAINDER)
-    heads = sub.add_parser("heads", help="rank the heads of a head-score file, or compare two")
-    heads.add_argument("file", help="head_score/<model>.json")
+    heads = sub.add_parser(
+        "heads", help="rank the heads of a head-score file, or compare several",
+        description="One file: its ranking. Two files (A --compare B, or A B --compare): both top lists side by side, "
+        "top-k overlap and Spearman. Three or more (A B C --compare): each file's top heads, then the top-10 and "
+        "top-20 overlap and the Spearman correlation of every pair, as Markdown tables.",
+    )
+    heads.add_argument("file", nargs="*", help="head_score/<model>.json, head_score/<model>.<score>.json, ...")
     heads.add_argument("--top", type=int, default=10, help="how many heads to show (default 10)")
-    heads.add_argument("--compare", metavar="FILE2", help="a second head-score file: top-k overlap and Spearman")
+    heads.add_argument("--compare", nargs="*", metavar="FILE",
+                       help="compare the files given (and any after the flag): top-k overlap and Spearman")
     approx = sub.add_parser(
         "approx",
         help="the approximation analysis with the original check_retrieved_perf.py flags",
@@ -201,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     approx.add_argument("--tasks", default="retrieval_ppl_en")
     approx.add_argument("--batch", type=int, default=1, help="batch size")
     approx.add_argument("--limit", type=float, default=None)
-    approx.add_argument("--topk", type=int, default=10)
+    approx.add_argument("--topk", default="10", help="keys per query (10), or a share of each query's visible keys (5%%)")
     approx.add_argument("--layerwise_topk_analysis", action="store_true", help="no error propagation across layers")
     approx.add_argument("--approx", default="exact_topk", help="exact_topk, simhash, or package.module:function")
     approx.add_argument(
@@ -214,13 +279,16 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("run_a", help="a run folder (with recall_stats.json) or the JSON file")
     compare.add_argument("run_b")
     compare.add_argument("--output_dir", default="comparison", help="where comparison.md and the delta heatmap go")
-    sweep = sub.add_parser("mask-sweep", help="NIAH accuracy with the top-K vs K random heads masked, for each K")
+    sweep = sub.add_parser("mask-sweep", help="NIAH accuracy with each file's top-K vs K random heads masked")
     sweep.add_argument("--model_args", default="pretrained=smollm2-135m")
-    sweep.add_argument("--head_scores", required=True, help="head_score/<model>.json of this model")
+    sweep.add_argument("--head_scores", required=True, nargs="+", metavar="FILE",
+                       help="head-score files of this model, one per scoring method (head_score/<model>.json, "
+                            "head_score/<model>.<score>.json)")
     sweep.add_argument("--ks", default="0,5,10,20,30", help="comma-separated K values")
     sweep.add_argument("--tasks", default="niah_retrieval_heads_en")
     sweep.add_argument("--metadata", default=None, help="the NIAH grid, as for lm_eval")
-    sweep.add_argument("--seed", type=int, default=0, help="seed of the random heads")
+    sweep.add_argument("--seeds", default=None, help="comma-separated seeds: one random draw of K heads each (0,1,2)")
+    sweep.add_argument("--seed", type=int, default=None, help="one seed of the random heads (default 0)")
     sweep.add_argument("--mask_mode", default="uniform", choices=["uniform", "zero"])
     sweep.add_argument("--limit", type=float, default=None)
     sweep.add_argument("--use_cache", default=None, metavar="PATH",
@@ -231,7 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     board.add_argument("--methods", default="streaming,h2o,snapkv,quest,loki,sparq,ivf,simhash,exact_topk",
                        help="comma-separated approx= names (magicpig is not in the default: its prefill on a CPU "
                             "costs minutes per layer at 2k tokens)")
-    board.add_argument("--budgets", default="32,128", help="comma-separated budgets k (keys per query)")
+    board.add_argument("--budgets", default="32,128",
+                       help="comma-separated budgets: keys per query (128) or shares of each query's visible keys (5%%)")
     board.add_argument("--tasks", default="retrieval_ppl_en")
     board.add_argument("--metadata", default=None, help="task metadata (e.g. the NIAH grid), as for lm_eval")
     board.add_argument("--limit", type=float, default=None)
@@ -242,6 +311,22 @@ def build_parser() -> argparse.ArgumentParser:
     from .report.niah_plot import add_plot_arguments
 
     add_plot_arguments(plot)
+    from .original_cli import add_detect_arguments, add_mask_arguments
+
+    detect = sub.add_parser(
+        "detect",
+        help="retrieval-head detection with the original retrieval_head_detection.py flags",
+        description="Runs retrieval-head-hf on the bundled NIAH task over the original's grid (20 lengths from --s "
+        "to --e, 10 depths) and prints the lm_eval command first; unknown flags are passed on to `lm_eval run`.",
+    )
+    add_detect_arguments(detect)
+    mask = sub.add_parser(
+        "mask",
+        help="NIAH with heads masked, with the original needle_in_haystack_with_mask.py flags",
+        description="Runs retrieval-head-hf with mask_topk= (or mask_random= for a negative --mask_topk) over the "
+        "original's grid and prints the lm_eval command first; unknown flags are passed on to `lm_eval run`.",
+    )
+    add_mask_arguments(mask)
     sub.add_parser("tasks-dir", help="print the folder of the bundled tasks (for lm_eval --include_path)")
     return parser
 
@@ -254,13 +339,17 @@ def main(argv: list[str] | None = None) -> int:
     else:
         namespace, rest = parser.parse_known_args(argv)
         command = namespace.command
-        if rest and command != "approx":
+        if rest and command not in ("approx", "detect", "mask"):
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         if command == "run":
             return _run(rest)
         if command == "approx":
             return _approx(namespace, rest)
+        if command == "detect":
+            return _detect(namespace, rest)
+        if command == "mask":
+            return _mask(namespace, rest)
         if command == "compare":
             return _compare(namespace)
         if command == "mask-sweep":

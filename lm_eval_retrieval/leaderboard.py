@@ -6,7 +6,8 @@ approximate output is handed on, so the task metrics show what the approximation
 baseline the perplexity delta is taken against. Per run, the analysis gives the mean Recall@k, error norm and
 approximate mass, and the cost: attended and scanned, as percentages of each query's visible keys (means over every
 counted query, layer and head; every run counts the same queries: those with at least `min_visible_keys` visible keys,
-by default 10 x the smallest budget). Written: `leaderboard.csv`, `leaderboard.md`, `leaderboard.png` (recall against
+by default 10 x the smallest budget; budgets are keys per query (`32`) or shares of each query's visible keys
+(`5%`)). Written: `leaderboard.csv`, `leaderboard.md`, `leaderboard.png` (recall against
 scanned %, one curve per method; NIAH accuracy against the budget where a NIAH task ran) and each run's own reports
 under `runs/<method>-<budget>/`. With `use_cache`, a run whose row was already written is read back, not rerun.
 """
@@ -22,6 +23,8 @@ from typing import Any
 import pandas as pd
 from tqdm import tqdm
 
+from .attention.budget import Budget, parse_budget
+from .attention.hook import probes_replaced
 from .errors import UserInputError
 from .paths import tasks_dir
 from .report.files import atomic_write
@@ -43,20 +46,44 @@ def parse_methods(text: str) -> list[str]:
     return methods
 
 
-def parse_budgets(text: str) -> list[int]:
-    try:
-        budgets = sorted({int(b) for b in str(text).split(",") if b.strip()})
-    except ValueError:
-        raise UserInputError(f"--budgets must be comma-separated numbers of keys, e.g. 32,128; got {text!r}") from None
-    if not budgets or budgets[0] <= 0:
-        raise UserInputError(f"--budgets must be positive numbers of keys, got {text!r}")
-    return budgets
+def parse_budgets(text: str) -> list[Budget]:
+    """`32,128,5%` -> budgets in keys (smallest first), then shares of the visible keys (smallest first)."""
+    parts = [b.strip() for b in str(text).split(",") if b.strip()]
+    if not parts:
+        raise UserInputError(f"--budgets needs at least one budget, e.g. --budgets 32,128,5%; got {text!r}")
+    budgets = {parse_budget(part, "--budgets") for part in parts}
+    return sorted(budgets, key=lambda b: (b.is_share, b.percent, b.tokens))
+
+
+def shared_min_visible_keys(budgets: list[Budget]) -> int:
+    """One query population for every budget: the seed's 10 k rule at the smallest budget in keys (or, with shares
+    only, where the smallest share reaches 10 keys), so a large budget is not measured on long documents only."""
+    tokens = [b for b in budgets if not b.is_share]
+    return (tokens[0] if tokens else budgets[0]).default_min_visible_keys()
+
+
+def budget_label(value: Any) -> str:
+    """A row's budget as written: 32 (or 32.0, where pandas made the column float), "32" or "5%"; "-" for none."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return str(value)
+
+
+def budget_order(value: Any) -> tuple[int, float]:
+    """Sort key of a row's budget (see `budget_label`; exact attention's none last)."""
+    label = budget_label(value)
+    if label == "-":
+        return (2, 0.0)
+    budget = parse_budget(label)
+    return (int(budget.is_share), budget.percent or float(budget.tokens))
 
 
 def run_leaderboard(
     model_args: dict[str, Any],
     methods: list[str],
-    budgets: list[int],
+    budgets: list[Budget | int | str],
     tasks: list[str],
     output_dir: str,
     metadata: dict[str, Any] | None = None,
@@ -71,7 +98,8 @@ def run_leaderboard(
     from .models.ret_approx import RetApproxLM
 
     out = Path(output_dir)
-    runs = [(EXACT, 0)] + [(method, budget) for method in methods for budget in budgets]
+    budgets = [parse_budget(b, "budgets") for b in budgets]
+    runs: list[tuple[str, Budget | None]] = [(EXACT, None)] + [(m, b) for m in methods for b in budgets]
     lm = None
     task_manager = None
     rows = []
@@ -81,25 +109,24 @@ def run_leaderboard(
             rows.append(json.loads(cached.read_text()))
             continue
         if lm is None:
-            # One query population for every budget: the seed's 10 k rule at the smallest budget (a user's
-            # min_visible_keys wins), so that a large budget is not measured on long documents only, or on none.
-            options = {"min_visible_keys": 10 * budgets[0], **model_args}
-            options.update(layerwise_topk_analysis=False, topk=budgets[0])
+            # One query population for every budget (a user's min_visible_keys wins).
+            options = {"min_visible_keys": shared_min_visible_keys(budgets), **model_args}
+            options.update(layerwise_topk_analysis=False, topk=budgets[0].json_value())
             lm = RetApproxLM(**options, output_path=str(out / "runs"))
             task_manager = TaskManager(include_path=tasks_dir(), metadata={**model_args, **(metadata or {})})
         lm.output_dir = str(out / "runs" / _run_name(method, budget))
-        probes = list(lm.hook_state.probes)
+        active = list(lm.hook_state.probes)
         if method == EXACT:  # plain attention: no probe, so no recall reports either
-            lm.hook_state.probes[:] = [p for p in probes if p is not lm.probe]
+            active.remove(lm.probe)
             lm.write_reports = lambda: None
         else:
             lm.configure(method, budget, (approx_args or {}).get(method))
         try:
-            result = simple_evaluate(model=lm, tasks=tasks, task_manager=task_manager, limit=limit)
+            with probes_replaced(lm.hook_state, active):
+                result = simple_evaluate(model=lm, tasks=tasks, task_manager=task_manager, limit=limit)
         finally:
-            lm.hook_state.probes[:] = probes
             lm.__dict__.pop("write_reports", None)
-        row = {"method": method, "budget": budget or None}
+        row = {"method": method, "budget": None if budget is None else budget.json_value()}
         row.update(_analysis_means(lm) if method != EXACT else {})
         row.update(_task_metrics(result, tasks))
         atomic_write(cached, json.dumps(row, indent=1), what="a leaderboard row")
@@ -109,8 +136,10 @@ def run_leaderboard(
     return table
 
 
-def _run_name(method: str, budget: int) -> str:
-    return EXACT if method == EXACT else f"{method.replace(':', '_').replace('/', '_')}-{budget}"
+def _run_name(method: str, budget: Budget | None) -> str:
+    if budget is None:
+        return EXACT
+    return f"{method.replace(':', '_').replace('/', '_')}-{budget.label().replace('%', 'pct')}"
 
 
 def _analysis_means(lm: Any) -> dict[str, float | None]:
@@ -123,6 +152,10 @@ def _analysis_means(lm: Any) -> dict[str, float | None]:
         scale = 100.0 if name in ("attended", "scanned") else 1.0
         means[f"{name}_pct" if scale == 100.0 else name] = None if math.isnan(value) else value * scale
     means["queries"] = int(counted)
+    groups = lm._head_group_stats(stats).get("retrieval_heads")  # with head_scores=: its top heads against the rest
+    if groups:
+        means["retrieval_heads_recall"] = groups["retrieval"]["recall"]
+        means["other_heads_recall"] = groups["others"]["recall"]
     return means
 
 
@@ -162,7 +195,9 @@ def leaderboard_markdown(table: pd.DataFrame) -> str:
     def cell(column: str, value: Any) -> str:
         if value is None or (isinstance(value, float) and math.isnan(value)):
             return "n/a" if column != "budget" else "-"
-        if column in ("budget", "queries"):
+        if column == "budget":
+            return budget_label(value)
+        if column == "queries":
             return str(int(value))
         if isinstance(value, (int, float)):
             return f"{value:+.3f}" if column.endswith("_delta") else f"{value:.3f}"
@@ -183,8 +218,9 @@ def leaderboard_figure(table: pd.DataFrame):
     FigureCanvasAgg(figure)
     axes = figure.add_subplot(1, 2 if niah else 1, 1)
     approximations = table[table["method"] != EXACT]
+    approximations = approximations.assign(_order=[budget_order(b) for b in approximations["budget"]])
+    approximations = approximations.sort_values("_order", kind="stable")
     for method, part in approximations.groupby("method", sort=False):
-        part = part.sort_values("budget")
         axes.plot(part["scanned_pct"], part["recall"], "o-", label=method)
     axes.set_xlabel("scanned (% of visible keys, key-vector equivalents)")
     axes.set_ylabel("mean Recall@k")
@@ -195,14 +231,16 @@ def leaderboard_figure(table: pd.DataFrame):
     if niah:
         right = figure.add_subplot(1, 2, 2)
         column = niah[0]
+        # One position per budget, in order (keys first, then shares of the visible keys): mixed units share no scale.
+        labels = sorted({budget_label(b) for b in approximations["budget"]}, key=budget_order)
+        position = {label: i for i, label in enumerate(labels)}
         for method, part in approximations.groupby("method", sort=False):
-            part = part.sort_values("budget")
-            right.plot(part["budget"], part[column], "o-", label=method)
+            right.plot([position[budget_label(b)] for b in part["budget"]], part[column], "o-", label=method)
         exact = table[table["method"] == EXACT]
         if not exact.empty:
             right.axhline(float(exact[column].iloc[0]), color="black", linestyle="--", label="exact attention")
-        right.set_xscale("log")
-        right.set_xlabel("budget k (keys per query)")
+        right.set_xticks(range(len(labels)), labels)
+        right.set_xlabel("budget (keys per query, or % of the visible keys)")
         right.set_ylabel("NIAH needle found (fraction)")
         right.set_ylim(0, 1.02)
         right.grid(alpha=0.3)

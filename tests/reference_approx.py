@@ -17,7 +17,7 @@ def reference_stats(calls, padding, total_lengths, windows, topk, min_keys, appr
     """calls: dicts with layer, module, query, key, value, scaling, and `step` (index into total_lengths).
 
     padding: (B, T) 1 = real token. total_lengths[step]: tokens processed once that forward pass is done.
-    windows[layer]: sliding window or None. approx_fn: None = exact top-k; else the approximation, called on
+    windows[layer]: sliding window or None. topk: k, or a function of a query's visible key count. approx_fn: None = exact top-k; else the approximation, called on
     per-query fp64 inputs with a mask built here.
     Returns {field: {(layer, head): mean}} and {(layer, head): count}.
     """
@@ -51,7 +51,8 @@ def reference_stats(calls, padding, total_lengths, windows, topk, min_keys, appr
                     norm = sum(weights.values())
                     probs = {j: w / norm for j, w in weights.items()}
                     exact_out = sum(probs[j] * v[b, kv, j] for j in ids_visible)
-                    kk = min(topk, len(ids_visible))
+                    budget = topk(len(ids_visible)) if callable(topk) else topk  # a share: k from the visible keys
+                    kk = min(budget, len(ids_visible))
                     exact_ids = sorted(ids_visible, key=lambda j: -scores[j])[:kk]
                     if approx_fn is None:
                         approx_ids = exact_ids
@@ -63,7 +64,7 @@ def reference_stats(calls, padding, total_lengths, windows, topk, min_keys, appr
                         out, _, ids = approx_fn(
                             call["module"], call["query"][b : b + 1, :, i : i + 1], call["key"][b : b + 1],
                             call["value"][b : b + 1], mask,
-                            call["scaling"], topk,
+                            call["scaling"], budget,
                         )
                         approx_ids = [int(x) for x in ids[0, h, 0] if visible[int(x)]]
                         approx_out = out[0, h, 0].double()

@@ -9,10 +9,13 @@ sliding-window cache that has dropped its oldest keys), with `reset_state` at ea
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 import torch
 
+from lm_eval_retrieval.attention.approx import _cache_common as cache_common
+from lm_eval_retrieval.attention.approx._cache_common import EXCLUDED, PLACEHOLDER, pick
 from lm_eval_retrieval.attention.approx.contract import approx_state, reset_state, set_approx_args
 from lm_eval_retrieval.attention.approx.h2o import h2o
 from lm_eval_retrieval.attention.approx.snapkv import snapkv
@@ -22,6 +25,7 @@ from test_approx_probe import MIN_KEYS, TOPK, _batch, analysed_run, assert_match
 from tiny_models import tiny_model
 
 B, HQ, HKV, D, PROMPT, STEPS, PAD = 2, 4, 2, 8, 40, 3, 9
+h2o_module = sys.modules[h2o.__module__]  # the package re-exports the function under the module's name
 SCALING = 0.5
 
 
@@ -184,8 +188,13 @@ def reference_h2o(query, key, visible, topk: int, ratio: float = 0.5, softcap=No
     return sets, sums
 
 
-@pytest.mark.parametrize(("topk", "ratio", "softcap"), [(6, 0.5, None), (5, 0.5, 3.0), (4, 0.75, None)])
-def test_h2o_follows_its_rule(topk: int, ratio: float, softcap: float | None) -> None:
+@pytest.mark.parametrize("numba", [True, False])  # the CPU kernel, and the tensor rule GPUs run
+@pytest.mark.parametrize(("topk", "ratio", "softcap"), [(6, 0.5, None), (5, 0.5, 3.0), (4, 0.75, None), (4, 0.0, None)])
+def test_h2o_follows_its_rule(
+    topk: int, ratio: float, softcap: float | None, numba: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not numba:
+        monkeypatch.setattr(h2o_module, "numba_module", lambda name: None)
     query, key, value, visible = sequence(seed=1)
     module = module_with({"heavy_ratio": ratio}, softcap)
     got, outputs = drive(h2o, module, query, key, value, visible, topk)
@@ -207,7 +216,10 @@ def test_h2o_accumulation_equals_a_loop_over_queries() -> None:
         torch.testing.assert_close(acc[b, h], torch.tensor(expected, dtype=torch.float64), rtol=1e-5, atol=1e-6)
 
 
-def test_h2o_with_a_sliding_cache_that_drops_keys() -> None:
+@pytest.mark.parametrize("numba", [True, False])
+def test_h2o_with_a_sliding_cache_that_drops_keys(numba: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    if not numba:
+        monkeypatch.setattr(h2o_module, "numba_module", lambda name: None)
     query, key, value, visible = sequence(seed=3, window=12)
     got, outputs = drive(h2o, module_with(), query, key, value, visible, 6, cache=12)
     expected, _ = reference_h2o(query, key, visible, 6)
@@ -361,3 +373,19 @@ def test_probe_starts_each_document_afresh(fn) -> None:
     used_probe, _, _ = analysed_run(used, fn, ids, padding)
     for field in ApproxStats.FIELDS:
         torch.testing.assert_close(used_probe.stats.means(field), fresh_probe.stats.means(field), equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_pick_kernel_equals_the_stable_sort(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CPU kernel and the tensor rule name the same ids in the same order: ties (exact zeros, +inf, repeated
+    pooled votes) to the more recent key, placeholders and excluded keys last."""
+    torch.manual_seed(0)
+    composite = torch.randint(0, 4, (3, 5, 60)).to(dtype)  # many exact ties
+    composite[0, 0, 50:] = float("inf")
+    composite[1, :, :20] = PLACEHOLDER
+    composite[2, :, 10:40] = EXCLUDED
+    composite[2, 1] = EXCLUDED  # a row that chose nothing: every id a repeat of its first
+    got = pick(composite, 17)
+    monkeypatch.setattr(cache_common, "numba_module", lambda name: None)
+    expected = pick(composite, 17)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])

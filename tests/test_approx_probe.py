@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import types
 
 import pytest
@@ -45,14 +46,17 @@ def windows_of(model) -> list[int | None]:
     return [window] * config.num_hidden_layers
 
 
-def analysed_run(model, approx_fn, ids, padding, layerwise=True, decode=True):
+def analysed_run(model, approx_fn, ids, padding, layerwise=True, decode=True, topk=TOPK, chunk_elements=2**23):
     """Prefill a left-padded batch, then one cached decode step; returns (probe, capture, logits)."""
     state = install_hook(model, "sdpa" if model.config._attn_implementation == "sdpa" else "eager")
     for name, module in model.named_modules():
         if name in state.module_names:
             module._approx_attn = types.MethodType(approx_fn, module)
     capture = CaptureProbe()
-    probe = ApproxProbe(state.num_layers, state.num_heads, TOPK, layerwise=layerwise, min_visible_keys=MIN_KEYS)
+    probe = ApproxProbe(
+        state.num_layers, state.num_heads, topk, layerwise=layerwise, min_visible_keys=MIN_KEYS,
+        chunk_elements=chunk_elements,
+    )  # fmt: skip
     state.probes[:] = [capture, probe]
     cache = DynamicCache(config=model.config)
     logits = []
@@ -76,11 +80,11 @@ def _batch(length: int = 40):
     return ids, padding
 
 
-def assert_matches_reference(probe, capture, model, padding, total_lengths, approx_fn=None):
+def assert_matches_reference(probe, capture, model, padding, total_lengths, approx_fn=None, topk=TOPK):
     # Gemma2 soft-caps its attention logits; Gemma3 has the config field but does not pass it to attention.
     softcap = model.config.attn_logit_softcapping if model.config.model_type == "gemma2" else None
     expected, counts = reference_stats(
-        capture.calls, padding, total_lengths, windows_of(model), TOPK, MIN_KEYS, approx_fn, softcap
+        capture.calls, padding, total_lengths, windows_of(model), topk, MIN_KEYS, approx_fn, softcap
     )
     stats = probe.stats
     assert counts, "the reference must count some queries"
@@ -101,6 +105,29 @@ def test_exact_topk_matches_reference_with_padding_and_decode(arch: str, base: s
     assert_matches_reference(probe, capture, model, padding, [ids.shape[1], ids.shape[1] + 1])
     assert torch.all(probe.stats.means("recall")[probe.stats.queries > 0] == 1.0)
     assert torch.all(probe.stats.means("error_norm")[probe.stats.queries > 0] > 0)
+
+
+@pytest.mark.parametrize("approx_fn", [exact_topk, simhash])
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])  # gemma3: sliding-window layers see fewer keys, so fewer k
+def test_a_share_budget_gives_each_query_its_own_k(arch: str, approx_fn) -> None:  # type: ignore[no-untyped-def]
+    """topk=20%: a query that sees v keys gets ceil(0.2 v), through prefill chunks and a decode step."""
+    model = tiny_model(arch)
+    ids, padding = _batch()
+    ids, padding = ids[1:], padding[1:]  # one sequence: a share is set per query from the keys it sees
+    # Chunks of a few queries each: runs of equal k are cut inside chunks and across their edges.
+    probe, capture, _ = analysed_run(model, approx_fn, ids, padding, topk="20%", chunk_elements=4 * 40 * 7)
+    share = lambda visible: max(1, math.ceil(0.2 * visible))  # noqa: E731
+    lengths = [ids.shape[1], ids.shape[1] + 1]
+    reference_fn = None if approx_fn is exact_topk else approx_fn
+    assert_matches_reference(probe, capture, model, padding, lengths, approx_fn=reference_fn, topk=share)
+    assert probe.topk == "20%" and probe.min_visible_keys == MIN_KEYS
+
+
+def test_a_share_budget_refuses_a_padded_batch() -> None:
+    model = tiny_model("llama")
+    ids, padding = _batch()
+    with pytest.raises(UserInputError, match="batch_size=1"):
+        analysed_run(model, exact_topk, ids, padding, topk="20%")
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])

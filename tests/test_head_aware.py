@@ -80,3 +80,20 @@ def test_retrieval_heads_against_the_rest(tiny_model_dir: str, tmp_path: Path, h
 def test_exact_heads_needs_a_head_score_file(tiny_model_dir: str, tmp_path: Path) -> None:
     with pytest.raises(UserInputError, match="exact_heads needs head_scores="):
         _lm(tiny_model_dir, tmp_path, exact_heads=2)
+
+
+def test_the_leaderboard_reports_the_retrieval_heads_against_the_rest(
+    tiny_model_dir: str, tmp_path: Path, head_scores: str
+) -> None:
+    from lm_eval_retrieval.leaderboard import run_leaderboard
+
+    model_args = {"pretrained": tiny_model_dir, "dtype": "float32", "head_scores": head_scores, "retrieval_top": 3}
+    table = run_leaderboard(
+        model_args, ["streaming"], [2], ["retrieval_ppl_en"], str(tmp_path), metadata={"doc_sentences": 12}, limit=1
+    )
+    row = table[table["method"] == "streaming"].iloc[0]
+    stats = json.loads(next((tmp_path / "runs" / "streaming-2").glob("*/recall_stats.json")).read_text())
+    groups = stats["retrieval_heads"]
+    assert row["retrieval_heads_recall"] == pytest.approx(groups["retrieval"]["recall"])
+    assert row["other_heads_recall"] == pytest.approx(groups["others"]["recall"])
+    assert "retrieval_heads_recall" in (tmp_path / "leaderboard.md").read_text()

@@ -133,7 +133,8 @@ def test_topk_larger_than_any_sequence_counts_nothing_and_says_so(tiny_model_dir
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"topk": 0}, "topk must be a positive integer, got 0"),
+        ({"topk": 0}, "topk must be a positive number of keys (e.g. topk=128) or a share of the visible keys (e.g. topk=5%), got 0"),
+        ({"topk": "0.5"}, "topk must be a positive number of keys"),
         ({"approx": "no_such_module:fn"}, "approx='no_such_module:fn' cannot be imported"),
         ({"approx": "fancy"}, "neither a built-in"),
         ({"topkk": 3}, "unknown model_args key(s) 'topkk'"),

@@ -11,15 +11,18 @@ import numpy as np
 
 
 @numba.njit(inline="always")
-def _insert(best, where, value, index):  # pragma: no cover - compiled
-    """Put (value, index) into the descending list `best`/`where` (its last entry is beaten by `value`)."""
-    p = best.shape[0] - 1
+def insert_descending(best, where, held, value, index):  # pragma: no cover - compiled
+    """Put (value, index) into the descending list best[:held] / where[:held], behind every entry >= value (an equal
+    value keeps the entries already there ahead). The list grows until it is full, then loses its last entry (which
+    the caller has checked `value` beats). Returns the new length."""
+    p = held if held < best.shape[0] else best.shape[0] - 1
     while p > 0 and best[p - 1] < value:
         best[p] = best[p - 1]
         where[p] = where[p - 1]
         p -= 1
     best[p] = value
     where[p] = index
+    return min(held + 1, best.shape[0])
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
@@ -41,7 +44,7 @@ def best_blocks_scan(rows, maxima, block, values, indices):  # pragma: no cover 
         for b in range(blocks):
             m = maxima[r, b]
             if m > block_max[k - 1]:
-                _insert(block_max, block_id, m, b)
+                insert_descending(block_max, block_id, block_max.shape[0], m, b)
         for j in range(k):
             best[j] = -np.inf
             where[j] = j
@@ -56,7 +59,7 @@ def best_blocks_scan(rows, maxima, block, values, indices):  # pragma: no cover 
             for j in range(start, end):
                 v = row[j]
                 if v > best[k - 1]:
-                    _insert(best, where, v, j)
+                    insert_descending(best, where, k, v, j)
 
 
 @numba.njit(inline="always", fastmath={"contract"})

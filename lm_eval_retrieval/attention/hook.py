@@ -13,8 +13,9 @@ Gemma's soft-capping, GPT-NeoX's fused projections or Qwen2's biases stay the mo
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import torch
 from torch import nn
@@ -73,6 +74,18 @@ class HookState:
     # Probes may compute the exact output themselves (see Probe.attend) only over the sdpa backend: eager is what a
     # user picks to get the model's own arithmetic, and flash runs in half precision.
     may_attend: bool = False
+
+
+@contextmanager
+def probes_replaced(state: HookState, probes: list[Any]) -> Iterator[None]:
+    """Run with only `probes` active (none: the plain model), then restore the ones that were: a memory probe, a
+    calibration pass or an exact baseline must not enter the statistics of the probes a run is collecting."""
+    active = list(state.probes)
+    state.probes[:] = probes
+    try:
+        yield
+    finally:
+        state.probes[:] = active
 
 
 def hooked_attention(

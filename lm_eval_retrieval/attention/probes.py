@@ -6,9 +6,10 @@ import math
 import torch
 
 from ..errors import UserInputError
-from .approx.common import masked_logits, scores_against
+from .approx.common import masked_logits, scores_against, soft_capped
 from .approx.contract import reset_state, take_scanned
 from .approx.exact_topk import exact_topk
+from .budget import Budget, parse_budget
 from .hook import AttentionCall, cpu_attention_with_lse
 from .set_metrics import id_set_metrics
 from .topk import attend_topk, row_topk
@@ -56,12 +57,17 @@ class RetrievalScoreProbe:
     The key is stored as its distance from the newest key (0 = the query's own position), which stays right for
     sliding-window caches that keep only the most recent keys. Only the last query is looked at, so the prefill can
     run with this probe off at full backend speed and the decode steps cost one (1 x K) score row per head.
+
+    `keep_rows=True` also keeps that row's softmax (the attention weights), for the scores that weigh attention mass
+    (HeadKV's and the distant-mass split): `take_rows` hands them over after each step.
     """
 
-    def __init__(self, num_layers: int, num_heads: int) -> None:
+    def __init__(self, num_layers: int, num_heads: int, keep_rows: bool = False) -> None:
         self.num_layers = num_layers
         self.num_heads = num_heads
+        self.keep_rows = keep_rows
         self.step_top1: list[torch.Tensor | None] = [None] * num_layers
+        self.step_rows: list[torch.Tensor | None] = [None] * num_layers
 
     def before(self, call: AttentionCall) -> None:
         return None
@@ -73,7 +79,17 @@ class RetrievalScoreProbe:
         logits = masked_logits(call.query[:, :, -1:], call.key, visible, call.scaling)
         top1 = logits[0, :, 0, :].argmax(dim=-1)  # (Hq,), batch 1 during detection
         self.step_top1[call.layer] = (call.key.shape[2] - 1) - top1
+        if self.keep_rows:
+            self._keep_row(call, logits[0, :, 0, :])
         return None
+
+    def _keep_row(self, call: AttentionCall, logits: torch.Tensor) -> None:
+        """The last query's attention weights (Hq, K), soft-capped as the model caps them (the top-1 needs no cap:
+        capping is monotonic)."""
+        softcap = call.kwargs.get("softcap")
+        if softcap:
+            logits = torch.where(torch.isinf(logits), logits, torch.tanh(logits / softcap) * softcap)
+        self.step_rows[call.layer] = logits.softmax(dim=-1)
 
     def take_step(self) -> torch.Tensor:
         """The (layers, heads) distances-from-end recorded by the forward pass that just ran, then reset."""
@@ -83,6 +99,77 @@ class RetrievalScoreProbe:
         result = torch.stack(self.step_top1)  # type: ignore[arg-type]
         self.step_top1 = [None] * self.num_layers
         return result
+
+    def take_rows(self) -> torch.Tensor:
+        """The (layers, heads, K) attention weights of the step that just ran (`keep_rows=True`), then reset.
+
+        Columns are aligned on the newest key (the last column is the query's own); a layer that sees fewer keys (a
+        sliding window) has zeros in the columns of the keys it no longer holds."""
+        rows, self.step_rows = self.step_rows, [None] * self.num_layers
+        if any(r is None for r in rows):
+            raise RuntimeError("take_rows needs keep_rows=True and one observed forward pass")
+        width = max(r.shape[-1] for r in rows)  # type: ignore[union-attr]
+        if all(r.shape[-1] == width for r in rows):  # type: ignore[union-attr]
+            return torch.stack(rows)  # type: ignore[arg-type]
+        padded = rows[0].new_zeros(self.num_layers, self.num_heads, width)  # type: ignore[union-attr]
+        for layer, row in enumerate(rows):
+            padded[layer, :, width - row.shape[-1]:] = row  # type: ignore[union-attr]
+        return padded
+
+
+class QuestionRowsProbe:
+    """The attention that the queries from absolute position `first_row` on give a span of keys, per (layer, head).
+
+    For QRHead's query-focused score: only the question's rows are scored (in the prefill, from the question on; the
+    null question's call; the first decode step, whose query is the prompt's last token), against every key they see
+    and in bounded chunks: never a call's whole attention matrix. `first_position` is the absolute position of the
+    next call's first query; sums go to `target` ("question", or "null" for QRHead's calibration query).
+    """
+
+    TARGETS = ("question", "null")
+
+    def __init__(self, num_layers: int, keys: tuple[int, int], chunk_elements: int = 2**23) -> None:
+        self.num_layers = num_layers
+        self.keys = keys
+        self.chunk_elements = chunk_elements
+        self.first_position = 0
+        self.first_row = 0
+        self.target = "question"
+        self.sums: dict[str, list[torch.Tensor | None]] = {t: [None] * num_layers for t in self.TARGETS}
+        self.rows: dict[str, list[int]] = {t: [0] * num_layers for t in self.TARGETS}
+
+    def before(self, call: AttentionCall) -> None:
+        return None
+
+    @torch.no_grad()
+    def after(self, call: AttentionCall, output: torch.Tensor) -> None:
+        q_heads, q_len = call.query.shape[1], call.query.shape[2]
+        k_len = call.key.shape[2]
+        offset = self.keys[0] - (self.first_position + q_len - k_len)  # the span's first key, as a column of this call
+        width = self.keys[1] - self.keys[0]
+        lo, hi = max(offset, 0), min(offset + width, k_len)  # the span's keys this call still holds
+        first = min(max(self.first_row - self.first_position, 0), q_len)  # the first row to score
+        total = torch.zeros(q_heads, width, dtype=torch.float64, device=call.query.device)
+        chunk = max(1, self.chunk_elements // max(1, q_heads * k_len))
+        for start in range(first, q_len if hi > lo else first, chunk):
+            end = min(q_len, start + chunk)
+            logits = masked_logits(
+                call.query[:, :, start:end], call.key, visible_mask(call, start, end), call.scaling,
+                call.kwargs.get("softcap"),
+            )
+            weights = logits[0].softmax(dim=-1)  # (Hq, C, K), batch 1 during detection
+            total[:, lo - offset:hi - offset] += weights[:, :, lo:hi].sum(dim=1).double()
+        sums = self.sums[self.target]
+        sums[call.layer] = total if sums[call.layer] is None else sums[call.layer] + total
+        self.rows[self.target][call.layer] += q_len - first
+        return None
+
+    def mean(self, target: str) -> torch.Tensor:
+        """(layers, heads, span) mean attention of `target`'s rows on each key of the span."""
+        missing = [i for i, n in enumerate(self.rows[target]) if n == 0]
+        if missing:
+            raise RuntimeError(f"no {target} rows were observed in attention layers {missing}")
+        return torch.stack([s / n for s, n in zip(self.sums[target], self.rows[target])])  # type: ignore[operator]
 
 
 class ApproxStats:
@@ -138,16 +225,16 @@ class ApproxProbe:
         self,
         num_layers: int,
         num_heads: int,
-        topk: int,
+        topk: int | str | Budget,
         layerwise: bool = True,
         min_visible_keys: int | None = None,
         chunk_elements: int = 2**23,
         approx_name: str = "approx",
         curve_stride: int = 256,
     ) -> None:
-        self.topk = topk
+        self.budget = parse_budget(topk)
         self.layerwise = layerwise
-        self.min_visible_keys = 10 * topk if min_visible_keys is None else min_visible_keys
+        self.min_visible_keys = self.budget.default_min_visible_keys() if min_visible_keys is None else min_visible_keys
         self._min_keys_follow_k = min_visible_keys is None
         self.chunk_elements = chunk_elements
         self.approx_name = approx_name
@@ -170,13 +257,18 @@ class ApproxProbe:
         for layer, head in heads:
             self._exact_heads.setdefault(int(layer), []).append(int(head))
 
-    def reset(self, topk: int | None = None) -> None:
-        """Start counting afresh (another method or budget on the same loaded model), optionally with another k;
-        a `min_visible_keys` left at its default (10 k) follows k, one that was given stays."""
+    @property
+    def topk(self) -> int | str:
+        """The budget as the results JSON holds it: a number of keys, or a share such as "5%"."""
+        return self.budget.json_value()
+
+    def reset(self, topk: int | str | Budget | None = None) -> None:
+        """Start counting afresh (another method or budget on the same loaded model), optionally with another
+        budget; a `min_visible_keys` left at its default (10 k) follows the budget, one that was given stays."""
         if topk is not None:
+            self.budget = parse_budget(topk)
             if self._min_keys_follow_k:
-                self.min_visible_keys = 10 * topk
-            self.topk = topk
+                self.min_visible_keys = self.budget.default_min_visible_keys()
         layers, heads = self._stats.queries.shape
         self._stats = ApproxStats(layers, heads)
         self._device_sums = self._device_curve = None
@@ -245,13 +337,42 @@ class ApproxProbe:
         if self._scores is None or self._scores.numel() < needed or self._scores.device != call.query.device:
             self._scores = torch.empty(needed, dtype=torch.float32, device=call.query.device)
         approx_chunks = []
-        for start in range(0, q_len, chunk):
-            end = min(q_len, start + chunk)
-            chunk_lse = None if lse is None else lse[:, :, start:end]
-            approx_chunks.append(self._analyse_chunk(call, output, chunk_lse, key, key_t, value, start, end))
+        for chunk_start in range(0, q_len, chunk):
+            for start, end, k in self._budget_runs(call, chunk_start, min(q_len, chunk_start + chunk)):
+                chunk_lse = None if lse is None else lse[:, :, start:end]
+                approx_chunks.append(self._analyse_chunk(call, output, chunk_lse, key, key_t, value, start, end, k))
         if self.layerwise:
             return None
         return torch.cat(approx_chunks, dim=2).transpose(1, 2)
+
+    def _budget_runs(self, call: AttentionCall, start: int, end: int) -> list[tuple[int, int, int]]:
+        """Queries start..end split into runs that share one k: the whole range for a budget in keys; for a share
+        of the visible keys, each run's queries see numbers of keys that give the same k."""
+        q_len, k_len = call.query.shape[2], call.key.shape[2]
+        if not self.budget.is_share:
+            return [(start, end, self.budget.tokens)]
+        if call.attention_mask is None:
+            visible = list(range(k_len - q_len + start + 1, k_len - q_len + end + 1))
+        else:
+            mask = visible_mask(call, start, end)
+            real = real_queries(mask, start, q_len).expand(mask.shape[:3])
+            counts = mask.sum(-1)
+            most = torch.where(real, counts, -1).amax(dim=(0, 1))
+            least = torch.where(real, counts, k_len + 1).amin(dim=(0, 1))
+            if bool(((most >= 0) & (most != least)).any()):
+                raise UserInputError(
+                    f"topk={self.budget} sets each query's budget from the keys it sees, and the sequences of one "
+                    "batch see different numbers of keys at the same position: run with batch_size=1"
+                )
+            visible = most.clamp(min=1).tolist()
+        runs: list[tuple[int, int, int]] = []
+        for offset, count in enumerate(visible):
+            k = self.budget.keys(count)
+            if runs and runs[-1][2] == k:
+                runs[-1] = (runs[-1][0], start + offset + 1, k)
+            else:
+                runs.append((start + offset, start + offset + 1, k))
+        return runs
 
     def _future_mask(self, size: int, device: torch.device) -> torch.Tensor:
         """Bool (size, size), True above the diagonal: the keys after each query inside a causal chunk's own block."""
@@ -270,8 +391,10 @@ class ApproxProbe:
         value: torch.Tensor,
         start: int,
         end: int,
+        budget: int,
     ) -> torch.Tensor:
-        """Adds queries start..end to the sums; returns their output to pass on (B, Hq, C, D) float32.
+        """Adds queries start..end, each with `budget` keys, to the sums; returns their output to pass on
+        (B, Hq, C, D) float32.
 
         `key_t` is `key` transposed (B, Hkv, D, K) float32; the chunk's scores live in the probe's buffer until the
         next chunk."""
@@ -280,7 +403,7 @@ class ApproxProbe:
         q_len, k_len = call.query.shape[2], call.key.shape[2]
         # No real query sees a key after its own position: the chunk's keys end at its last query.
         limit = k_len - q_len + end
-        k = min(self.topk, limit)
+        k = min(budget, limit)
         softcap = call.kwargs.get("softcap")
         min_keys = max(self.min_visible_keys, 1)
         exact_out = output[:, :, start:end].float()
@@ -329,7 +452,7 @@ class ApproxProbe:
             take_scanned(call.module)  # nothing left over from a call that was not analysed
             approx_out, _, approx_ids = call.module._approx_attn(query, key, value, attend, call.scaling, k)
             reported = take_scanned(call.module)
-            self._check_approx(call.layer, query, call.value, approx_out, approx_ids, k_len)
+            self._check_approx(call.layer, query, call.value, approx_out, approx_ids, k_len, k)
             approx_out = approx_out.float()
             causal = call.attention_mask is None  # query i of the chunk sees keys up to first_own + i
             hits, approx_mass, used, error, exact_mass = id_set_metrics(
@@ -344,13 +467,11 @@ class ApproxProbe:
         ]
         values = torch.stack([recall.to(error.dtype).expand_as(error), error, exact_mass, approx_mass, *costs])
         exact_heads = self._exact_heads.get(call.layer)
-        if exact_heads:
-            keep = torch.zeros(error.shape[1], dtype=torch.bool, device=error.device)
-            keep[exact_heads] = True
-            exact_values = torch.tensor([1.0, 0.0, NAN, 1.0, 1.0, 1.0], dtype=values.dtype, device=values.device)
-            exact_values = torch.where(exact_values.isnan()[:, None, None, None], values, exact_values[:, None, None, None])
-            values = torch.where(keep[None, None, :, None], exact_values, values)
-            approx_out = torch.where(keep[None, :, None, None], exact_out, approx_out)
+        if exact_heads:  # kept exact: recall 1, error 0, all the mass, every visible key attended and scanned
+            for field, value in zip((0, 1, 3, 4, 5), (1.0, 0.0, 1.0, 1.0, 1.0)):
+                values[field][:, exact_heads] = value
+            approx_out = approx_out.clone()
+            approx_out[:, exact_heads] = exact_out[:, exact_heads]
         sums = self._device_sums[call.layer]
         if counted is True:  # a decode step with enough keys: every head counts once
             sums[0] += size * query.shape[0]
@@ -370,7 +491,7 @@ class ApproxProbe:
     ) -> torch.Tensor:
         """The chunk's scores against keys 0..limit-1, in the probe's buffer (soft-capped where the model does)."""
         logits = scores_against(query, key_t[..., :limit], scaling, out=self._scores)
-        return torch.tanh(logits / softcap).mul_(softcap) if softcap else logits
+        return soft_capped(logits, softcap)
 
     def _add_mass_curve(
         self, layer: int, logits: torch.Tensor, lse: torch.Tensor, counted: torch.Tensor | bool, first_position: int
@@ -396,7 +517,7 @@ class ApproxProbe:
 
     def _check_approx(
         self, layer: int, query: torch.Tensor, value: torch.Tensor, approx_out: torch.Tensor, ids: torch.Tensor,
-        k_len: int,
+        k_len: int, k: int,
     ) -> None:
         """Shapes on every call (free); the id range once per layer, since reading it back is a device sync."""
         expected = (*query.shape[:3], value.shape[-1])
@@ -408,7 +529,7 @@ class ApproxProbe:
         if ids.dim() != 4 or tuple(ids.shape[:3]) != expected[:3] or ids.dtype not in (torch.int64, torch.int32):
             raise UserInputError(
                 f"approx function {self.approx_name} returned topk_ids of shape {tuple(ids.shape)} ({ids.dtype}); "
-                f"expected integer ids of shape (B, Hq, Q, k) = {(*expected[:3], self.topk)}"
+                f"expected integer ids of shape (B, Hq, Q, k) = {(*expected[:3], k)}"
             )
         if layer in self._range_checked:
             return

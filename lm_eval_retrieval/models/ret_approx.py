@@ -16,6 +16,8 @@ import torch
 
 from ..attention.approx import resolve_approx
 from ..attention.approx.contract import parse_approx_args, set_approx_args
+from ..attention.budget import parse_budget
+from ..attention.hook import probes_replaced
 from ..attention.probes import MASS_CURVE_K, ApproxProbe, ApproxStats, nan_to_none
 from ..errors import UserInputError
 from .base import HookedHFLM, as_bool
@@ -34,7 +36,7 @@ class RetApproxLM(HookedHFLM):
 
     def __init__(
         self,
-        topk: int = 10,
+        topk: int | str = 10,
         layerwise_topk_analysis: bool | str = True,
         approx: str | Callable | None = "exact_topk",
         approx_args: str | dict | None = None,
@@ -44,17 +46,16 @@ class RetApproxLM(HookedHFLM):
         exact_heads_random: int | str | None = None,
         **kwargs: Any,
     ) -> None:
-        topk = _positive_topk(topk)
+        budget = parse_budget(topk)
         approx_name, approx_fn = resolve_approx(approx)
         method_args = parse_approx_args(approx_args, approx_fn, approx_name)  # checked before the model loads
         super().__init__(**kwargs)
         state = self.hook_state
-        self.topk = topk
         self.layerwise = as_bool(layerwise_topk_analysis)
         self.probe = ApproxProbe(
             state.num_layers,
             state.num_heads,
-            topk,
+            budget,
             layerwise=self.layerwise,
             min_visible_keys=None if min_visible_keys in (None, "") else int(min_visible_keys),
             approx_name=approx_name,
@@ -110,12 +111,16 @@ class RetApproxLM(HookedHFLM):
         self.exact_heads_kind = given[0] if given else None
         self.probe.set_exact_heads(self.exact_heads)
 
-    def configure(self, approx: str | Callable, topk: int, approx_args: str | dict | None = None) -> None:
+    @property
+    def topk(self) -> int | str:
+        """The budget as given: a number of keys per query, or a share of each query's visible keys ("5%")."""
+        return self.probe.topk
+
+    def configure(self, approx: str | Callable, topk: int | str, approx_args: str | dict | None = None) -> None:
         """Another method and budget on the already loaded model, counted from zero (the leaderboard's runs)."""
         name, function = resolve_approx(approx)
         args = parse_approx_args(approx_args, function, name)
-        self.topk = _positive_topk(topk)
-        self.probe.reset(self.topk)
+        self.probe.reset(parse_budget(topk))
         self._all_stats = None
         self.set_approx(function, name, args)
 
@@ -178,12 +183,8 @@ class RetApproxLM(HookedHFLM):
 
     def _detect_batch_size(self, *args: Any, **kwargs: Any) -> int:
         """batch_size=auto probes memory with dummy batches: those must not enter the statistics."""
-        probes = list(self.hook_state.probes)
-        self.hook_state.probes[:] = []
-        try:
+        with probes_replaced(self.hook_state, []):
             return super()._detect_batch_size(*args, **kwargs)
-        finally:
-            self.hook_state.probes[:] = probes
 
     def _model_call(self, inps: torch.Tensor, attn_mask=None, labels=None) -> torch.Tensor:
         lengths, self._pending_lengths = self._pending_lengths, None
@@ -264,8 +265,8 @@ class RetApproxLM(HookedHFLM):
         counted = int(self._all_stats.queries.sum())
         if counted == 0:
             log.warning(
-                "no query had at least %d visible keys (10*k with k=%d), so nothing was counted: lower topk or use "
-                "longer documents",
+                "no query had at least %d visible keys (min_visible_keys, with topk=%s), so nothing was counted: lower "
+                "topk or use longer documents",
                 self.probe.min_visible_keys,
                 self.topk,
             )
@@ -274,13 +275,3 @@ class RetApproxLM(HookedHFLM):
 
     def get_model_info(self) -> dict:
         return {**super().get_model_info(), "retrieval_approx": self.recall_stats()}
-
-
-def _positive_topk(topk: Any) -> int:
-    try:
-        value = int(topk)
-    except (TypeError, ValueError):
-        raise UserInputError(f"topk must be a positive integer, got {topk!r}") from None
-    if value <= 0:
-        raise UserInputError(f"topk must be a positive integer, got {value}")
-    return value

@@ -36,6 +36,10 @@ __all__ = [
     "format_comparison",
     "write_head_scores",
     "parse_head_key",
+    "score_label",
+    "method_labels",
+    "compare_many",
+    "format_matrix",
 ]
 
 #: Parsed head scores: ``(layer, head) -> per-run scores``.
@@ -389,6 +393,143 @@ def format_comparison(result: Mapping[str, Any], name_a: str, name_b: str) -> st
     else:
         pvalue = result.get("spearman_pvalue", math.nan)
         lines.append(f"Spearman rank correlation of mean scores over {n} heads: {rho:.3f} (p = {float(pvalue):.3g})")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# several files: which scoring method each holds, and the overlap / Spearman matrix
+
+#: The scoring method of a file with no ``.<score>`` in its name: the paper's copy-paste score.
+DEFAULT_SCORE = "copy"
+#: What may follow the model name as a score: lower-case letters and ``_``, so the dots of model names such as
+#: ``Qwen2.5-3B-Instruct`` or ``Mistral-7B-v0.2-hf`` are never mistaken for one.
+_SCORE_RE = re.compile(r"^[a-z][a-z_]*$")
+OVERLAP_KS = (10, 20)
+
+
+def score_label(path: PathLike) -> str:
+    """The scoring method a head-score file holds, from its name.
+
+    The detection writes ``head_score/<model>.json`` for the copy score and ``head_score/<model>.<score>.json`` for
+    every other (``mass``, ``qr``, ``distant``), so ``smollm2-135m.mass.json`` is ``mass`` and ``smollm2-135m.json``,
+    like ``Qwen2.5-3B-Instruct.json``, is ``copy``.
+    """
+    name = Path(path).name
+    stem = name[: -len(".json")] if name.endswith(".json") else Path(name).stem
+    _, dot, suffix = stem.rpartition(".")
+    return suffix if dot and _SCORE_RE.match(suffix) else DEFAULT_SCORE
+
+
+def method_labels(paths: Sequence[PathLike]) -> list[str]:
+    """One distinct label per file: its score name, else (two files of one score) its file stem, else a number."""
+    scores = [score_label(p) for p in paths]
+    labels = list(scores)
+    for i, path in enumerate(paths):
+        if scores.count(scores[i]) > 1:
+            stem = Path(path).name
+            stem = stem[: -len(".json")] if stem.endswith(".json") else stem
+            labels[i] = stem if stem == scores[i] else f"{scores[i]} ({stem})"
+    named = list(labels)
+    seen: dict[str, int] = {}
+    for i, label in enumerate(named):
+        if named.count(label) > 1:
+            seen[label] = seen.get(label, 0) + 1
+            labels[i] = f"{label} #{seen[label]}"
+    return labels
+
+
+def compare_many(
+    named: Sequence[tuple[str, Mapping[tuple[int, int], Sequence[float]]]],
+    ks: Sequence[int] = OVERLAP_KS,
+) -> dict[str, Any]:
+    """Every pair of several head-score sets: top-k overlap for each k in ``ks`` and Spearman's rho of mean scores.
+
+    ``named`` is ``[(label, scores), ...]`` (labels from ``method_labels``). Returns a JSON-friendly dict with
+    ``names``; ``shape``; ``top`` (each file's ranking in ``names`` order, best first, ``[layer, head, mean]``);
+    ``overlap``: ``{k: N x N counts of heads in both top-k lists}``, where k is capped at the smallest file's heads
+    (``overlap_k`` maps each asked k to the k used); ``spearman``: N x N rho over the heads both files have (scipy's
+    ``spearmanr``), NaN where undefined, with the reasons in ``spearman_notes`` (``"a / b": reason``).
+    """
+    if len(named) < 2:
+        raise UserInputError(f"a comparison needs at least two head-score files, got {len(named)}")
+    for k in ks:
+        _check_top(k)
+    names = [str(name) for name, _ in named]
+    shapes = [head_shape(scores) for _, scores in named]
+    for name, shape in zip(names[1:], shapes[1:]):
+        if shape != shapes[0]:
+            raise UserInputError(
+                f"head-score shapes differ: {names[0]} is {shapes[0][0]}x{shapes[0][1]}, "
+                f"{name} is {shape[0]}x{shape[1]} (layers x heads): compare files from the same model"
+            )
+    ranks = [rank_heads(scores) for _, scores in named]
+    fewest = min(len(r) for r in ranks)
+    result: dict[str, Any] = {
+        "names": names,
+        "shape": list(shapes[0]),
+        "top": [[[l, h, m] for l, h, m in rank] for rank in ranks],
+        "overlap_k": {},
+        "overlap": {},
+        "spearman": [],
+        "spearman_notes": {},
+    }
+    for k in ks:
+        used = min(int(k), fewest)
+        tops = [{(l, h) for l, h, _ in rank[:used]} for rank in ranks]
+        result["overlap_k"][int(k)] = used
+        result["overlap"][int(k)] = [[len(a & b) for b in tops] for a in tops]
+    for i, (name_a, a) in enumerate(named):
+        row = []
+        for j, (name_b, b) in enumerate(named):
+            pair = _spearman(a, b)
+            row.append(pair["spearman"])
+            if pair["spearman_note"] and i <= j:
+                result["spearman_notes"][f"{name_a} / {name_b}"] = pair["spearman_note"]
+        result["spearman"].append(row)
+    return result
+
+
+def format_matrix(result: Mapping[str, Any], top: int = 10, files: Sequence[str] | None = None) -> str:
+    """Markdown for a ``compare_many`` result: each file's top heads side by side, then one N x N table per
+    overlap k and one of Spearman's rho. ``files`` (same order as the names) adds a legend of which file is which."""
+    top = _check_top(top)
+    names = [_md_cell(n) for n in result["names"]]
+    shape = result["shape"]
+    lines: list[str] = []
+    if files:
+        lines.append("Files: " + "; ".join(f"{n} = {_md_cell(str(f))}" for n, f in zip(names, files)))
+        lines.append("")
+    rankings = result["top"]
+    shown = min(top, max(len(r) for r in rankings))
+    lines += [
+        f"Top {shown} heads of each file (layer-head mean score), shape {shape[0]}x{shape[1]}",
+        "",
+        "| Rank | " + " | ".join(names) + " |",
+        "|---:|" + "---|" * len(names),
+    ]
+    for i in range(shown):
+        cells = [f"{r[i][0]}-{r[i][1]} {float(r[i][2]):.3f}" if i < len(r) else "" for r in rankings]
+        lines.append(f"| {i + 1} | " + " | ".join(cells) + " |")
+
+    def matrix(title: str, rows: Sequence[Sequence[Any]], cell) -> None:
+        lines.extend(["", title, "", "| | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)])
+        for name, row in zip(names, rows):
+            lines.append(f"| {name} | " + " | ".join(cell(v) for v in row) + " |")
+
+    drawn = set()
+    for k, rows in result["overlap"].items():
+        used = result["overlap_k"][k]
+        if used in drawn:  # files with fewer heads than k: k = 10 and k = 20 are the same table
+            continue
+        drawn.add(used)
+        matrix(f"Top-{used} overlap (heads in both top-{used} lists, of {used})", rows, lambda v: str(int(v)))
+    matrix(
+        "Spearman rank correlation of mean scores (over the heads both files have)",
+        result["spearman"],
+        lambda v: "NaN" if math.isnan(float(v)) else f"{float(v):.3f}",
+    )
+    for pair, note in result["spearman_notes"].items():
+        lines.append(f"NaN for {_md_cell(pair)}: {note}")
     return "\n".join(lines)
 
 

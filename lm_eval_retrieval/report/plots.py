@@ -188,9 +188,11 @@ def mass_curve(stats: RecallStats) -> Figure:
             continue
         ax.plot(x, y, color=colours(norm(index)), linewidth=1.2, marker="o" if len(x) == 1 else None, markersize=3)
         drawn += 1
-    ax.axvline(topk, color="black", linestyle=":", linewidth=1.2, label=f"k={topk}")
+    low, high = x.min(), x.max()
+    if isinstance(topk, int):  # a share of the visible keys ("5%") is a different k for every query: no line
+        ax.axvline(topk, color="black", linestyle=":", linewidth=1.2, label=f"k={topk}")
+        low, high = min(low, topk), max(high, topk)
     ax.set_xscale("log", base=2)
-    low, high = min(x.min(), topk), max(x.max(), topk)
     if low == high:
         low, high = low / 2, high * 2
     ax.set_xlim(low, high)
@@ -204,7 +206,8 @@ def mass_curve(stats: RecallStats) -> Figure:
     ax.set_ylabel("attention mass captured")
     ax.set_title(f"Attention mass of the top-k keys vs k\n{_run_label(stats)}", fontsize=11)
     ax.grid(True, which="major", alpha=0.3)
-    ax.legend(loc="lower right")
+    if isinstance(topk, int):
+        ax.legend(loc="lower right")
     mappable = cm.ScalarMappable(norm=norm, cmap=colours)
     mappable.set_array([])
     bar = fig.colorbar(mappable, ax=ax)

@@ -111,7 +111,7 @@ def nothing_counted_message(stats: Any) -> str:
     """The one-line explanation for a run where no query had enough visible keys to be measured."""
     stats = as_recall_stats(stats)
     k, need = stats.topk, stats.min_visible_keys
-    rule = f"10*k with k={k}" if need == 10 * k else f"min_visible_keys with k={k}"
+    rule = f"10*k with k={k}" if isinstance(k, int) and need == 10 * k else f"min_visible_keys with k={k}"
     return (
         f"No query had at least {need} visible keys ({rule}), so nothing was measured: "
         f"lower topk or use longer documents."

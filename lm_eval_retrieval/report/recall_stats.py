@@ -27,6 +27,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from lm_eval_retrieval.attention.budget import Budget, parse_budget
 from lm_eval_retrieval.errors import UserInputError
 
 __all__ = ["STATS_FILE", "PER_HEAD_KEYS", "VALUE_KEYS", "COST_KEYS", "LayerRecall", "RecallStats", "as_recall_stats"]
@@ -80,7 +81,7 @@ class RecallStats:
 
     model: str
     approx: str
-    topk: int
+    topk: int | str  # keys per query, or a share of each query's visible keys such as "5%"
     layerwise_topk_analysis: bool
     min_visible_keys: int
     layers: tuple[LayerRecall, ...]
@@ -244,6 +245,16 @@ def _validate_layer(where: str, index: int, entry: Any) -> LayerRecall:
     return LayerRecall(layer=entry.get("layer", index), module=entry["module"], queries=queries, **values)
 
 
+def _budget(where: str, value: Any) -> Budget:
+    """`topk` as written by ret-approx-hf: a positive number of keys, or a share such as "5%"."""
+    if isinstance(value, str) and value.strip().endswith("%"):
+        try:
+            return parse_budget(value)
+        except UserInputError:
+            raise UserInputError(f"{where}: topk is {_short(value)}, expected a share above 0% and at most 100%") from None
+    return Budget(tokens=_count(where, "topk", value, positive=True))
+
+
 def _validate(stats: Any, where: str) -> RecallStats:
     if not isinstance(stats, Mapping):
         raise UserInputError(
@@ -255,9 +266,13 @@ def _validate(stats: Any, where: str) -> RecallStats:
         raise UserInputError(
             f"{where}: missing key(s) {', '.join(missing)}; give a {STATS_FILE} written by ret-approx-hf"
         )
-    topk = _count(where, "topk", stats["topk"], positive=True)
-    min_visible = stats.get("min_visible_keys", 10 * topk)
-    min_visible = 10 * topk if min_visible is None else _count(where, "min_visible_keys", min_visible)
+    budget = _budget(where, stats["topk"])
+    topk = budget.json_value()
+    min_visible = stats.get("min_visible_keys")
+    if min_visible is None:
+        min_visible = budget.default_min_visible_keys()
+    else:
+        min_visible = _count(where, "min_visible_keys", min_visible)
     layerwise = stats["layerwise_topk_analysis"]
     if not isinstance(layerwise, (bool, np.bool_)):
         raise UserInputError(

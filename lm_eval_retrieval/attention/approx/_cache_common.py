@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from .common import picked_rows, weighted_ids
+from .._numba import numba_module
+from .common import picked_rows, soft_capped, weighted_ids
 
 PLACEHOLDER = -1.0  # rank of an invisible key: fills the ids of a row that chose fewer than k keys
 EXCLUDED = -2.0  # rank of a visible key the method did not choose: used only where no invisible key is left
@@ -31,8 +32,17 @@ def pick(composite: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     `composite` >= 0 ranks a chosen key (+inf: always taken), PLACEHOLDER marks an invisible key and EXCLUDED a
     visible key that was not chosen. `valid` is True on chosen keys; an EXCLUDED pick becomes a repeat of the row's
     first id so that no unchosen visible key is ever named. A stable sort of the keys in reverse order makes the
-    tie rule exact (max pooling and zero accumulations produce exact ties, and a test can state the rule).
+    tie rule exact (max pooling and zero accumulations produce exact ties, and a test can state the rule). On a CPU
+    a numba kernel (`_pick_scan.py`) applies the same rule without sorting every key.
     """
+    kernels = numba_module("approx._pick_scan") if composite.device.type == "cpu" else None
+    if kernels is not None and composite.dtype in (torch.float32, torch.float64) and k > 0:
+        rows = composite.reshape(-1, composite.shape[-1]).contiguous()
+        ids = torch.empty(rows.shape[0], k, dtype=torch.int64)
+        valid = torch.empty(rows.shape[0], k, dtype=torch.bool)
+        kernels.pick_rows(rows.numpy(), EXCLUDED, ids.numpy(), valid.numpy())
+        shape = (*composite.shape[:-1], k)
+        return ids.view(shape), valid.view(shape)
     k_len = composite.shape[-1]
     order = torch.sort(composite.flip(-1), dim=-1, descending=True, stable=True).indices[..., :k]
     ids = (k_len - 1) - order
@@ -52,9 +62,7 @@ def attend_valid(
 ) -> torch.Tensor:
     """Exact softmax attention over the valid ids only -> (B, Hq, Q, D) float32; a row with none gets 0."""
     scores = torch.matmul(picked_rows(key, ids).float(), (query.float() * scaling).unsqueeze(-1)).squeeze(-1)
-    if softcap:
-        scores = torch.tanh(scores / softcap).mul_(softcap)
-    scores = scores.masked_fill_(~valid, float("-inf"))
+    scores = soft_capped(scores, softcap).masked_fill_(~valid, float("-inf"))
     return weighted_ids(torch.softmax(scores, dim=-1).nan_to_num_(0.0), ids, value)
 
 

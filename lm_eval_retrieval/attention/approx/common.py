@@ -18,10 +18,13 @@ def masked_logits(
     `softcap` is the attention logit soft-capping some models apply (Gemma2: softcap * tanh(s / softcap)); the hook
     records it per call as `module._lmr_softcap`, see `module_softcap`.
     """
-    logits = scores_against(query, key.float().transpose(-1, -2), scaling)
-    if softcap:
-        logits = torch.tanh(logits / softcap).mul_(softcap)
+    logits = soft_capped(scores_against(query, key.float().transpose(-1, -2), scaling), softcap)
     return logits if visible is None else logits.masked_fill_(~visible, float("-inf"))
+
+
+def soft_capped(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """`softcap * tanh(scores / softcap)` where the model soft-caps its attention logits (Gemma2), else `scores`."""
+    return torch.tanh(scores / softcap).mul_(softcap) if softcap else scores
 
 
 def scores_against(
@@ -97,9 +100,7 @@ def attend_over_picked(
     Invisible ids get no weight; a query whose ids are all invisible gets 0.
     """
     scores = torch.matmul(picked_rows(key, ids).float(), (query.float() * scaling).unsqueeze(-1)).squeeze(-1)
-    if softcap:
-        scores = torch.tanh(scores / softcap).mul_(softcap)
-    scores = scores.masked_fill_(~visible.expand(*ids.shape[:3], -1).gather(-1, ids), float("-inf"))
+    scores = soft_capped(scores, softcap).masked_fill_(~visible.expand(*ids.shape[:3], -1).gather(-1, ids), float("-inf"))
     return weighted_ids(torch.softmax(scores, dim=-1).nan_to_num_(0.0), ids, value)
 
 

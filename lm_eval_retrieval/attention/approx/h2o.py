@@ -17,6 +17,9 @@ earlier approximations, which is what a per-query recall analysis needs. The acc
 `approx_state(module)` across the chunks of a prefill and the decode steps, indexed by cache slot (re-indexed where
 a sliding-window cache drops its oldest key), and start empty with each sequence.
 
+On a CPU a numba kernel (`_h2o_scan.py`) walks each sequence's rows in order and keeps the sums in one vector, instead
+of a cumulative sum over every (query, key) pair and a full sort of every row.
+
 Cost model: scanned = the number of keys the query sees (H2O computes the query's full attention to accumulate it).
 """
 
@@ -35,6 +38,7 @@ from ._cache_common import (
     precise_dtype,
     visible_ranks,
 )
+from .._numba import numba_module
 from .common import masked_logits, module_softcap
 from .contract import approx_args, approx_state, method, report_scanned
 
@@ -53,12 +57,35 @@ def h2o(
     k_len = key.shape[2]
     visible = attention_mask.expand(batch, -1, q_len, k_len)
     softcap = module_softcap(module)
+    heavy = int(topk * float(approx_args(module, h2o)["heavy_ratio"]))
+    kernels = numba_module("approx._h2o_scan") if query.device.type == "cpu" else None
+    if kernels is not None:
+        logits = masked_logits(query, key, visible, scaling, softcap)
+        state = approx_state(module)
+        _, offset = chunk_offset(state, visible)
+        offset = 0 if offset is None else offset
+        stored = state.get("h2o_acc")
+        if stored is None or stored[0].shape[:2] != (batch, q_heads):
+            acc = torch.zeros(batch, q_heads, k_len, dtype=torch.float64)
+        else:
+            acc = absolute_to_cache(stored[0], stored[1], offset, k_len).contiguous()
+        k = min(topk, k_len)
+        ids = torch.empty(batch, q_heads, q_len, k, dtype=torch.int64)
+        valid = torch.empty(batch, q_heads, q_len, k, dtype=torch.bool)
+        counts = torch.empty(batch, q_heads, q_len, dtype=torch.int64)
+        kernels.h2o_select(
+            logits.reshape(batch * q_heads, q_len, k_len).contiguous().numpy(),
+            acc.view(batch * q_heads, k_len).numpy(), min(heavy, k), ids.view(-1, q_len, k).numpy(),
+            valid.view(-1, q_len, k).numpy(), counts.view(-1, q_len).numpy(),
+        )  # fmt: skip
+        state["h2o_acc"] = (acc, offset)
+        report_scanned(module, counts.float())
+        return attend_valid(query, key, value, ids, valid, scaling, softcap), None, ids
     logits = masked_logits(query, key, visible, scaling, softcap).to(precise_dtype(query))
     probs = torch.softmax(logits, dim=-1).nan_to_num_(0.0)
     state = approx_state(module)
     _, offset = chunk_offset(state, visible)
     before = accumulated_before(state, probs, 0 if offset is None else offset)
-    heavy = int(topk * float(approx_args(module, h2o)["heavy_ratio"]))
     count, from_end = visible_ranks(visible)
     recent = visible & (from_end <= topk - heavy)
     composite = torch.where(recent, float("inf"), torch.where(visible, before, PLACEHOLDER))

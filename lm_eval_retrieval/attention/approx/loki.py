@@ -115,12 +115,10 @@ def prepare(lm: Any) -> None:
         def after(self, call: Any, output: torch.Tensor) -> None:
             keys[call.layer] = call.key.detach()
 
-    probes, lm.hook_state.probes[:] = list(lm.hook_state.probes), [KeyCapture()]
-    try:
-        with torch.no_grad():
-            lm.model(ids.to(lm.model.device))
-    finally:
-        lm.hook_state.probes[:] = probes
+    from ..hook import probes_replaced  # here: hook.py imports approx/
+
+    with probes_replaced(lm.hook_state, [KeyCapture()]), torch.no_grad():
+        lm.model(ids.to(lm.model.device))
     calibrate_loki(modules, [keys[module._lmr_layer] for module in modules])
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import attend_over_picked, module_softcap, scores_against, weighted_values
+from .common import attend_over_picked, module_softcap, scores_against, soft_capped, weighted_values
 from .contract import approx_args, method, report_scanned
 
 NEG_INF = float("-inf")
@@ -71,7 +71,4 @@ def _approximate_logits(
     kept = torch.zeros_like(q).scatter_(-1, top, q.gather(-1, top))
     share = kept.abs().sum(-1, keepdim=True) / magnitude.sum(-1, keepdim=True).clamp(min=1e-30)
     corrected = kept / share.clamp(min=1e-30).sqrt()
-    logits = scores_against(corrected, key.float().transpose(-1, -2), scaling)
-    if softcap:
-        logits = torch.tanh(logits / softcap).mul_(softcap)
-    return logits
+    return soft_capped(scores_against(corrected, key.float().transpose(-1, -2), scaling), softcap)

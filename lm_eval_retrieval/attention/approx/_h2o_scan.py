@@ -1,0 +1,85 @@
+"""The numba kernel behind `h2o` on CPUs: the heavy hitters of every query row and the accumulation of attention,
+walked row by row, so the (queries x keys) cumulative sum, the full sort of every row and the float64 copies the
+tensor rule needs are never made. Parallel over (batch x query head) sequences, sequential within one (each row's
+heavy hitters depend on every row above it).
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from .._topk_scan import insert_descending
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def h2o_select(logits, acc, heavy, ids, valid, counts):  # pragma: no cover - compiled
+    """For each sequence g and query row i of logits (G, Q, K) float32 (-inf: a key the row cannot see):
+
+    * counts[g, i] = the visible keys;
+    * ids[g, i] (k = ids.shape[2]) = its k - heavy most recent visible keys, then the `heavy` other visible keys of
+      largest acc (ties to the more recent), where acc[g] (K) float64 holds the attention summed over every earlier
+      row; a row that sees at most k keys takes them all, and the rest of its ids are its invisible keys, most
+      recent first; valid[g, i] marks the chosen ids. Order: as `_cache_common.pick` ranks them;
+    * then acc[g] += the row's exact softmax (float64).
+    """
+    groups, rows, width = logits.shape
+    k = ids.shape[2]
+    recent_count = k - heavy
+    for g in numba.prange(groups):
+        best_acc = np.empty(heavy, dtype=np.float64)
+        best_id = np.empty(heavy, dtype=np.int64)
+        for i in range(rows):
+            row = logits[g, i]
+            total = 0
+            top = -np.inf
+            for j in range(width):
+                if row[j] > -np.inf:
+                    total += 1
+                    top = max(top, row[j])
+            counts[g, i] = total
+            found = 0
+            if total <= k:
+                for j in range(width - 1, -1, -1):  # every visible key, most recent first
+                    if row[j] > -np.inf:
+                        ids[g, i, found] = j
+                        valid[g, i, found] = True
+                        found += 1
+            else:
+                # The recent window: the last recent_count visible keys, most recent first.
+                j = width - 1
+                while found < recent_count:
+                    if row[j] > -np.inf:
+                        ids[g, i, found] = j
+                        valid[g, i, found] = True
+                        found += 1
+                    j -= 1
+                # Heavy hitters among the older visible keys: newest first, so an equal acc never displaces
+                # a more recent key; best_* kept sorted by acc descending.
+                held = 0
+                while j >= 0 and heavy > 0:
+                    if row[j] > -np.inf and (held < heavy or acc[g, j] > best_acc[held - 1]):
+                        held = insert_descending(best_acc, best_id, held, acc[g, j], j)
+                    j -= 1
+                for h in range(held):
+                    ids[g, i, found] = best_id[h]
+                    valid[g, i, found] = True
+                    found += 1
+            if found < k:  # placeholders: invisible keys, most recent first
+                for j in range(width - 1, -1, -1):
+                    if found == k:
+                        break
+                    if not row[j] > -np.inf:
+                        ids[g, i, found] = j
+                        valid[g, i, found] = False
+                        found += 1
+            if total == 0:
+                continue
+            norm = 0.0
+            for j in range(width):
+                if row[j] > -np.inf:
+                    norm += np.exp(np.float64(row[j]) - top)
+            shift = top + np.log(norm)
+            for j in range(width):
+                if row[j] > -np.inf:
+                    acc[g, j] += np.exp(np.float64(row[j]) - shift)
