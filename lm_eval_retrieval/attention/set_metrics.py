@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ._numba import numba_module
-from .topk import MIN_KERNEL_ROWS, match_torch_threads
+from .topk import MIN_KERNEL_ROWS, mask_rows, match_torch_threads
 
 NEG_INF = float("-inf")
 
@@ -49,7 +49,7 @@ def id_set_metrics(
     else:
         row_limit = np.full(rows, width - 1)
         mask = attend.reshape(-1, attend.shape[-1]).contiguous().numpy()
-        row_mask = _mask_rows(batch, heads, size, attend.shape[1])
+        row_mask = mask_rows(batch, heads, size, attend.shape[1])
     hits, used = torch.empty(rows, dtype=torch.int64), torch.empty(rows, dtype=torch.int64)
     mass, error, exact_mass = torch.empty(rows), torch.empty(rows), torch.empty(rows)
     if rows >= MIN_KERNEL_ROWS:
@@ -80,13 +80,6 @@ def _row_offsets(batch: int, heads: int, size: int) -> np.ndarray:
 @functools.lru_cache(maxsize=64)
 def _no_mask_rows(rows: int) -> np.ndarray:
     return np.full(rows, -1)
-
-
-@functools.lru_cache(maxsize=64)
-def _mask_rows(batch: int, heads: int, size: int, mask_heads: int) -> np.ndarray:
-    """Each row's row of the flattened (B x mask heads x C) mask."""
-    rows = np.arange(batch * mask_heads * size).reshape(batch, mask_heads, size)
-    return np.ascontiguousarray(np.broadcast_to(rows, (batch, heads, size))).reshape(-1)
 
 
 def _torch_metrics(

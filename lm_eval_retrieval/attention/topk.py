@@ -132,6 +132,14 @@ def row_groups(batch: int, q_heads: int, kv_heads: int, q_len: int) -> np.ndarra
     return np.ascontiguousarray(np.broadcast_to(group, (batch, q_heads, q_len, 1))).reshape(-1)
 
 
+@functools.lru_cache(maxsize=64)
+def mask_rows(batch: int, q_heads: int, q_len: int, mask_heads: int) -> np.ndarray:
+    """For each row (batch, query head, query) in order, its row of the flattened (B x mask heads x Q) mask (a
+    mask has one head, shared, or one per query head). Shapes only, so a decode step reuses it."""
+    rows = np.arange(batch * mask_heads * q_len).reshape(batch, mask_heads, q_len)
+    return np.ascontiguousarray(np.broadcast_to(rows, (batch, q_heads, q_len))).reshape(-1)
+
+
 def _numba_kernels():  # type: ignore[no-untyped-def]
     """The compiled kernels (see _topk_scan.py), or None where numba cannot be imported (torch paths are used)."""
     return numba_module("_topk_scan")

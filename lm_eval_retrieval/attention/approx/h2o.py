@@ -64,11 +64,7 @@ def h2o(
         state = approx_state(module)
         _, offset = chunk_offset(state, visible)
         offset = 0 if offset is None else offset
-        stored = state.get("h2o_acc")
-        if stored is None or stored[0].shape[:2] != (batch, q_heads):
-            acc = torch.zeros(batch, q_heads, k_len, dtype=torch.float64)
-        else:
-            acc = absolute_to_cache(stored[0], stored[1], offset, k_len).contiguous()
+        acc = accumulated_so_far(state, batch, q_heads, k_len, offset, torch.zeros(0, dtype=torch.float64)).contiguous()
         k = min(topk, k_len)
         ids = torch.empty(batch, q_heads, q_len, k, dtype=torch.int64)
         valid = torch.empty(batch, q_heads, q_len, k, dtype=torch.bool)
@@ -101,11 +97,18 @@ def accumulated_before(state: dict[str, Any], probs: torch.Tensor, offset: int) 
     exclusive cumulative sum); the state then takes this chunk's rows too.
     """
     batch, q_heads, q_len, k_len = probs.shape
-    stored = state.get("h2o_acc")
-    if stored is None or stored[0].shape[:2] != (batch, q_heads):
-        so_far = probs.new_zeros(batch, q_heads, k_len)
-    else:
-        so_far = absolute_to_cache(stored[0], stored[1], offset, k_len)
+    so_far = accumulated_so_far(state, batch, q_heads, k_len, offset, probs)
     rows_above = torch.cat([probs.new_zeros(batch, q_heads, 1, k_len), probs[:, :, :-1].cumsum(2)], dim=2)
     state["h2o_acc"] = (so_far + probs.sum(2), offset)
     return so_far.unsqueeze(2) + rows_above
+
+
+def accumulated_so_far(
+    state: dict[str, Any], batch: int, q_heads: int, k_len: int, offset: int, like: torch.Tensor
+) -> torch.Tensor:
+    """(B, Hq, K): the sequence's accumulated attention from earlier chunks and steps, re-indexed for this call's
+    cache (zeros of `like`'s dtype and device at the start of a sequence, or after a batch of another shape)."""
+    stored = state.get("h2o_acc")
+    if stored is None or stored[0].shape[:2] != (batch, q_heads):
+        return like.new_zeros(batch, q_heads, k_len)
+    return absolute_to_cache(stored[0], stored[1], offset, k_len)

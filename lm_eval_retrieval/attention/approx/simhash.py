@@ -15,14 +15,12 @@ same rule runs as torch operations (agreement = bits - 2 x Hamming distance, plu
 
 from __future__ import annotations
 
-import functools
-from typing import Any
 
 import torch
 
 from ...errors import UserInputError
 from .._numba import numba_module
-from ..topk import MIN_KERNEL_ROWS, match_torch_threads, row_groups, row_topk
+from ..topk import MIN_KERNEL_ROWS, mask_rows, match_torch_threads, row_groups, row_topk
 from .common import attend_over_picked, module_softcap
 from .contract import approx_args, approx_state, method, report_scanned
 
@@ -99,7 +97,7 @@ def _simhash_kernel(  # type: ignore[no-untyped-def]
     key_codes = _key_codes(kernels, module, key, planes)
     mask_heads = attention_mask.shape[1]
     mask = attention_mask.expand(batch, mask_heads, q_len, k_len).reshape(-1, k_len).contiguous()
-    row_group, row_mask = row_groups(batch, q_heads, kv_heads, q_len), _mask_rows(batch, q_heads, q_len, mask_heads)
+    row_group, row_mask = row_groups(batch, q_heads, kv_heads, q_len), mask_rows(batch, q_heads, q_len, mask_heads)
     counts, row_end = torch.empty(mask.shape[0], dtype=torch.int64), torch.empty(mask.shape[0], dtype=torch.int64)
     kernels.row_extents(mask.numpy(), counts.numpy(), row_end.numpy())
     counts = counts.view(batch, mask_heads, q_len)
@@ -122,14 +120,6 @@ def _simhash_kernel(  # type: ignore[no-untyped-def]
     )  # fmt: skip
     shape = (batch, q_heads, q_len)
     return out.view(*shape, -1), None, ids.view(*shape, k)
-
-
-@functools.lru_cache(maxsize=64)
-def _mask_rows(batch: int, q_heads: int, q_len: int, mask_heads: int) -> Any:
-    """For each row (batch, head, query) in order, its row of the flattened (B x mask heads x Q) mask, as a numpy
-    array; it depends on shapes only, so a decode step reuses it."""
-    rows = torch.arange(batch * mask_heads * q_len).view(batch, mask_heads, q_len)
-    return rows.expand(batch, q_heads, q_len).reshape(-1).numpy()
 
 
 def _key_codes(kernels, module: torch.nn.Module, key: torch.Tensor, planes: torch.Tensor) -> torch.Tensor:  # type: ignore[no-untyped-def]
