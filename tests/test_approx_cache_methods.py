@@ -15,17 +15,19 @@ import pytest
 import torch
 
 from lm_eval_retrieval.attention.approx import _cache_common as cache_common
+from lm_eval_retrieval.attention.approx import common as common_module
 from lm_eval_retrieval.attention.approx._cache_common import EXCLUDED, PLACEHOLDER, pick
 from lm_eval_retrieval.attention.approx.contract import approx_state, reset_state, set_approx_args
 from lm_eval_retrieval.attention.approx.h2o import h2o
 from lm_eval_retrieval.attention.approx.snapkv import snapkv
-from lm_eval_retrieval.attention.approx.streaming import streaming
+from lm_eval_retrieval.attention.approx.streaming import streaming, streaming_ids
 from lm_eval_retrieval.attention.probes import ApproxStats
 from test_approx_probe import MIN_KEYS, TOPK, _batch, analysed_run, assert_matches_reference
 from tiny_models import tiny_model
 
 B, HQ, HKV, D, PROMPT, STEPS, PAD = 2, 4, 2, 8, 40, 3, 9
 h2o_module = sys.modules[h2o.__module__]  # the package re-exports the function under the module's name
+streaming_module = sys.modules[streaming.__module__]
 SCALING = 0.5
 
 
@@ -131,9 +133,20 @@ def reference_streaming(visible, topk: int, sinks: int = 4) -> dict:
     return sets
 
 
+def without_numba(monkeypatch: pytest.MonkeyPatch, *modules) -> None:
+    """The tensor rules GPUs run, in place of the CPU kernels."""
+    for module in modules:
+        monkeypatch.setattr(module, "numba_module", lambda name: None)
+
+
 @pytest.mark.parametrize("topk", [1, 3, 10])
 @pytest.mark.parametrize("window", [None, 12])
-def test_streaming_keeps_sinks_and_recent_window(topk: int, window: int | None) -> None:
+@pytest.mark.parametrize("numba", [True, False])
+def test_streaming_keeps_sinks_and_recent_window(
+    topk: int, window: int | None, numba: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not numba:
+        without_numba(monkeypatch, streaming_module, common_module)
     query, key, value, visible = sequence(window=window)
     module = module_with(softcap=4.0)
     got, outputs = drive(streaming, module, query, key, value, visible, topk, cache=window)
@@ -157,6 +170,39 @@ def test_streaming_query_seeing_nothing_gets_zero() -> None:
     out, _, ids = streaming(module_with(), query[:, :, :PAD], key[:, :, :PROMPT], value[:, :, :PROMPT],
                             visible[:, :, :PAD, :PROMPT], SCALING, 5)  # fmt: skip
     assert torch.all(out[0] == 0) and ids.shape == (B, HQ, PAD, 5)
+
+
+@pytest.mark.parametrize("sinks", [0, 2, 4])
+@pytest.mark.parametrize("topk", [1, 3, 10, 50])
+def test_streaming_kernel_names_the_ids_the_tensor_rule_names(
+    sinks: int, topk: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Same ids in the same order and the same valid flags: kept keys most recent first, then invisible keys, then
+    repeats; on scattered masks, rows that see nothing and rows that see fewer keys than the budget."""
+    torch.manual_seed(topk + sinks)
+    visible = torch.rand(2, 3, 30, 40) < 0.3
+    visible[0, 0, :5] = False
+    visible[1, 2, 3] = True  # every key visible: no invisible filler left
+    got = streaming_ids(visible, sinks, topk)
+    without_numba(monkeypatch, streaming_module)
+    expected = streaming_ids(visible, sinks, topk)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
+@pytest.mark.parametrize("q_len", [1, 40])  # the serial kernel of a decode step and the parallel one
+@pytest.mark.parametrize("softcap", [None, 4.0])
+def test_attend_valid_kernel_equals_the_tensor_rule(q_len: int, softcap: float | None, monkeypatch) -> None:
+    torch.manual_seed(q_len)
+    query, key, value = torch.randn(2, HQ, q_len, D) * 2, torch.randn(2, HKV, 50, D) * 2, torch.randn(2, HKV, 50, 6)
+    ids = torch.randint(0, 50, (2, HQ, q_len, 7))
+    ids[..., 1] = ids[..., 0]  # a repeated id counts twice where both slots are valid, as in the tensor rule
+    valid = torch.rand(2, HQ, q_len, 7) < 0.7
+    valid[0, 1] = False  # rows with nothing valid get 0
+    got = common_module.attend_valid(query, key, value, ids, valid, SCALING, softcap)
+    without_numba(monkeypatch, common_module)
+    expected = common_module.attend_valid(query, key, value, ids, valid, SCALING, softcap)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert torch.all(got[0, 1] == 0)
 
 
 # ------------------------------------------------------------------------------------------------------------ h2o

@@ -15,11 +15,10 @@ import numpy as np
 @numba.njit(inline="always", fastmath={"contract"})
 def _row(
     r, logits, lse, exact_scores, exact_ids, approx_ids, row_limit, mask, row_mask, approx_out, exact_out,
-    hits, mass, used, error, exact_mass,
+    hits, mass, used, error, exact_mass, exact_set, ids,
 ):  # pragma: no cover - compiled
     k = exact_ids.shape[1]
     width = logits.shape[1]
-    exact_set = np.empty(k, dtype=np.int64)
     held, found = 0.0, 0
     for j in range(k):
         if exact_scores[r, j] > -np.inf:
@@ -27,8 +26,10 @@ def _row(
             exact_set[found] = exact_ids[r, j]
             found += 1
     exact_mass[r] = held
-    exact_set = np.sort(exact_set[:found])
-    ids = np.sort(approx_ids[r])
+    exact_set[:found].sort()  # in place, in the caller's scratch: no allocation per row
+    for j in range(ids.shape[0]):
+        ids[j] = approx_ids[r, j]
+    ids.sort()
     limit = row_limit[r]
     row = row_mask[r]
     previous, hit, count, picked = -1, 0, 0, 0.0
@@ -41,7 +42,7 @@ def _row(
             continue
         count += 1
         picked += np.exp(logits[r, i] - lse[r])
-        slot = np.searchsorted(exact_set, i)
+        slot = np.searchsorted(exact_set[:found], i)
         if slot < found and exact_set[slot] == i:
             hit += 1
     hits[r], mass[r], used[r] = hit, picked, count
@@ -65,11 +66,16 @@ def id_set_metrics(
     logits (R, W): the row's exact scores; lse (R,) their log-normaliser; a key id i is visible to row r when
     0 <= i <= row_limit[r], i < W, and, where row_mask[r] >= 0, mask[row_mask[r], i].
     """
-    for r in numba.prange(logits.shape[0]):
-        _row(
-            r, logits, lse, exact_scores, exact_ids, approx_ids, row_limit, mask, row_mask, approx_out, exact_out,
-            hits, mass, used, error, exact_mass,
-        )  # fmt: skip
+    rows = logits.shape[0]
+    parts = min(rows, 8 * numba.get_num_threads())
+    for p in numba.prange(parts):
+        exact_set = np.empty(exact_ids.shape[1], dtype=exact_ids.dtype)
+        ids = np.empty(approx_ids.shape[1], dtype=approx_ids.dtype)
+        for r in range(p * rows // parts, (p + 1) * rows // parts):
+            _row(
+                r, logits, lse, exact_scores, exact_ids, approx_ids, row_limit, mask, row_mask, approx_out,
+                exact_out, hits, mass, used, error, exact_mass, exact_set, ids,
+            )  # fmt: skip
 
 
 @numba.njit(cache=True, nogil=True)
@@ -78,8 +84,10 @@ def id_set_metrics_serial(
     hits, mass, used, error, exact_mass,
 ):  # pragma: no cover - compiled
     """`id_set_metrics` on the calling thread."""
+    exact_set = np.empty(exact_ids.shape[1], dtype=exact_ids.dtype)
+    ids = np.empty(approx_ids.shape[1], dtype=approx_ids.dtype)
     for r in range(logits.shape[0]):
         _row(
             r, logits, lse, exact_scores, exact_ids, approx_ids, row_limit, mask, row_mask, approx_out, exact_out,
-            hits, mass, used, error, exact_mass,
+            hits, mass, used, error, exact_mass, exact_set, ids,
         )  # fmt: skip

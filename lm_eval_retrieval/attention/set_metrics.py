@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ._numba import numba_module
-from .topk import MIN_KERNEL_ROWS, mask_rows, match_torch_threads
+from .kernel_rows import MIN_KERNEL_ROWS, mask_rows, match_torch_threads
 
 NEG_INF = float("-inf")
 

@@ -20,19 +20,15 @@ torch operations that is a dozen small tensors per chunk; on a CPU one kernel do
 
 from __future__ import annotations
 
-import functools
 from typing import Callable
 
-import numpy as np
 import torch
 
 from ._numba import numba_module
+from .kernel_rows import MIN_KERNEL_ROWS, match_torch_threads, row_groups
 
 BLOCK = 32  # scores per block
 MIN_BLOCKS_PER_K = 4  # without numba, rows shorter than BLOCK * MIN_BLOCKS_PER_K * k go to torch.topk directly
-# Fewer rows (a decode step has one per head) cost less in torch.topk, or in a kernel on the calling thread, than
-# waking a second thread pool beside torch's.
-MIN_KERNEL_ROWS = 256
 
 
 def row_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,6 +44,15 @@ def row_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     if blocks >= MIN_BLOCKS_PER_K * k > 0:
         return _block_candidates(scores, k, blocks)
     return scores.topk(k, dim=-1)
+
+
+def topk_ids(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, valid) of the k largest finite entries of each row of an approximation's `scores` (-inf where a key
+    is not visible), as `row_topk` finds them. A row with fewer than k finite scores fills the rest with repeats of
+    its first id, valid False (the probe counts a repeat once, and the output gives it no weight)."""
+    values, ids = row_topk(scores, k)
+    valid = values > float("-inf")
+    return torch.where(valid, ids, ids[..., :1]), valid
 
 
 def _best_blocks(kernel: Callable, scores: torch.Tensor, k: int, blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,15 +78,6 @@ def _block_candidates(scores: torch.Tensor, k: int, blocks: int) -> tuple[torch.
     in_blocks = picked < k * BLOCK
     block_ids = best_blocks.gather(-1, (picked // BLOCK).clamp_(max=k - 1)) * BLOCK + picked % BLOCK
     return values, torch.where(in_blocks, block_ids, picked - k * BLOCK + whole)
-
-
-def match_torch_threads() -> None:
-    """numba's pool uses as many threads as torch's (a user who limits one limits both)."""
-    import numba
-
-    wanted = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-    if numba.get_num_threads() != wanted:
-        numba.set_num_threads(wanted)
 
 
 def attend_topk(
@@ -120,24 +116,6 @@ def attend_topk(
         lse.reshape(rows).float().contiguous().numpy(), output.numpy(), error.numpy(), mass.numpy(),
     )  # fmt: skip
     return output.view(batch, q_heads, q_len, dim), error.view(batch, q_heads, q_len), mass.view(batch, q_heads, q_len)
-
-
-@functools.lru_cache(maxsize=64)
-def row_groups(batch: int, q_heads: int, kv_heads: int, q_len: int) -> np.ndarray:
-    """For each row (batch, query head, query) in order, the (batch x KV head) group whose keys and values it reads
-    (grouped-query attention shares a KV head between q_heads / kv_heads query heads). Shapes only, so a decode
-    step reuses it."""
-    group = np.arange(batch * kv_heads).reshape(batch, kv_heads, 1, 1)
-    group = np.repeat(group, q_heads // kv_heads, axis=1)
-    return np.ascontiguousarray(np.broadcast_to(group, (batch, q_heads, q_len, 1))).reshape(-1)
-
-
-@functools.lru_cache(maxsize=64)
-def mask_rows(batch: int, q_heads: int, q_len: int, mask_heads: int) -> np.ndarray:
-    """For each row (batch, query head, query) in order, its row of the flattened (B x mask heads x Q) mask (a
-    mask has one head, shared, or one per query head). Shapes only, so a decode step reuses it."""
-    rows = np.arange(batch * mask_heads * q_len).reshape(batch, mask_heads, q_len)
-    return np.ascontiguousarray(np.broadcast_to(rows, (batch, q_heads, q_len))).reshape(-1)
 
 
 def _numba_kernels():  # type: ignore[no-untyped-def]

@@ -15,7 +15,6 @@ from typing import Any
 import torch
 
 from .._numba import numba_module
-from .common import picked_rows, soft_capped, weighted_ids
 
 PLACEHOLDER = -1.0  # rank of an invisible key: fills the ids of a row that chose fewer than k keys
 EXCLUDED = -2.0  # rank of a visible key the method did not choose: used only where no invisible key is left
@@ -49,21 +48,6 @@ def pick(composite: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     rank = composite.gather(-1, ids)
     ids = torch.where(rank == EXCLUDED, ids[..., :1], ids)
     return ids, rank >= 0
-
-
-def attend_valid(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    ids: torch.Tensor,
-    valid: torch.Tensor,
-    scaling: float,
-    softcap: float | None,
-) -> torch.Tensor:
-    """Exact softmax attention over the valid ids only -> (B, Hq, Q, D) float32; a row with none gets 0."""
-    scores = torch.matmul(picked_rows(key, ids).float(), (query.float() * scaling).unsqueeze(-1)).squeeze(-1)
-    scores = soft_capped(scores, softcap).masked_fill_(~valid, float("-inf"))
-    return weighted_ids(torch.softmax(scores, dim=-1).nan_to_num_(0.0), ids, value)
 
 
 def visible_ranks(visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

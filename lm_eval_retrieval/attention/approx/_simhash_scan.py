@@ -10,6 +10,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from ._attend_scan import attend_picked_row
+
 @numba.njit(inline="always")
 def _popcount(x):  # pragma: no cover - compiled
     x = x - ((x >> 1) & 0x5555555555555555)
@@ -36,18 +38,25 @@ def pack_codes(projections, codes, start):  # pragma: no cover - compiled
         codes[g // length, start + g % length] = _code(projections[g // length, g % length])
 
 
+@numba.njit(inline="always")
+def _scratch(key_len, k, value_dim):  # pragma: no cover - compiled
+    """One thread's working memory, reused by every row it takes (an allocation per row cost more than its keys)."""
+    return (
+        np.empty(key_len, dtype=np.int32), np.empty(key_len + 1, dtype=np.int32), np.empty(k, dtype=np.float32),
+        np.empty(value_dim, dtype=np.float64),
+    )
+
+
 @numba.njit(inline="always", fastmath={"contract"})
 def _attend_row(
     r, query_proj, key_codes, bits, row_group, visible, row_mask, row_end, query, keys, values, scaling, softcap,
-    ids, out,
+    ids, out, distance, candidates, scores, acc,
 ):  # pragma: no cover - compiled
     k = ids.shape[1]
     key_len = visible.shape[1]
-    dim = query.shape[1]
     far = np.int32(bits + 2)  # the distance an invisible key gets: beyond any level, never taken
     group, mask, code = row_group[r], visible[row_mask[r]], _code(query_proj[r])
     end, codes = row_end[row_mask[r]], key_codes[group]
-    distance = np.empty(end, dtype=np.int32)
     for j in range(end):
         distance[j] = np.int32(_popcount(code ^ codes[j])) if mask[j] else far
     # The cut: every key closer than `level` is taken, and the most recent `room` keys at `level`. The level is
@@ -65,7 +74,6 @@ def _attend_row(
     room = k - taken
     # The keys within `level`, oldest first, gathered without a branch (each key is written, the count moves only
     # past a key within); then walked newest first, so ties at the cut go to the more recent keys.
-    candidates = np.empty(end + 1, dtype=np.int32)
     count = 0
     for j in range(end):
         candidates[count] = j
@@ -87,32 +95,7 @@ def _attend_row(
         if not mask[j]:
             ids[r, found] = j
             found += 1
-    # Exact softmax attention over the chosen keys.
-    for d in range(dim):
-        out[r, d] = 0.0
-    if chosen == 0:
-        return
-    scores = np.empty(chosen, dtype=np.float32)
-    top = -np.inf
-    for c in range(chosen):
-        key = keys[group, ids[r, c]]
-        s = 0.0
-        for d in range(dim):
-            s += query[r, d] * key[d]
-        s *= scaling
-        if softcap > 0.0:
-            s = softcap * np.tanh(s / softcap)
-        scores[c] = s
-        top = max(top, s)
-    total = 0.0
-    for c in range(chosen):
-        w = np.exp(scores[c] - top)
-        total += w
-        value = values[group, ids[r, c]]
-        for d in range(dim):
-            out[r, d] += w * value[d]
-    for d in range(dim):
-        out[r, d] /= total
+    attend_picked_row(r, query, keys, values, group, ids[r], chosen, scaling, softcap, scores, acc, out)
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
@@ -130,11 +113,15 @@ def simhash_attend(
     visible keys takes them all and fills the rest of its ids with invisible keys, which get no weight; a row that
     sees nothing gets 0.
     """
-    for r in numba.prange(ids.shape[0]):
-        _attend_row(
-            r, query_proj, key_codes, bits, row_group, visible, row_mask, row_end, query, keys, values, scaling,
-            softcap, ids, out,
-        )  # fmt: skip
+    rows = ids.shape[0]
+    parts = min(rows, 8 * numba.get_num_threads())
+    for p in numba.prange(parts):
+        distance, candidates, scores, acc = _scratch(visible.shape[1], ids.shape[1], values.shape[2])
+        for r in range(p * rows // parts, (p + 1) * rows // parts):
+            _attend_row(
+                r, query_proj, key_codes, bits, row_group, visible, row_mask, row_end, query, keys, values, scaling,
+                softcap, ids, out, distance, candidates, scores, acc,
+            )  # fmt: skip
 
 
 @numba.njit(cache=True, nogil=True)
@@ -143,10 +130,11 @@ def simhash_attend_serial(
     out,
 ):  # pragma: no cover - compiled
     """`simhash_attend` on the calling thread: a decode step's few rows cost less than waking numba's pool."""
+    distance, candidates, scores, acc = _scratch(visible.shape[1], ids.shape[1], values.shape[2])
     for r in range(ids.shape[0]):
         _attend_row(
             r, query_proj, key_codes, bits, row_group, visible, row_mask, row_end, query, keys, values, scaling,
-            softcap, ids, out,
+            softcap, ids, out, distance, candidates, scores, acc,
         )  # fmt: skip
 
 

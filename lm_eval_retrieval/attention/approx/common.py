@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import torch
 
+from .._numba import numba_module
+from ..kernel_rows import MIN_KERNEL_ROWS, match_torch_threads, row_groups
+
 
 def masked_logits(
     query: torch.Tensor, key: torch.Tensor, visible: torch.Tensor | None, scaling: float, softcap: float | None = None
@@ -99,9 +102,43 @@ def attend_over_picked(
     Scores only the k picked keys, so a retriever that chose k of L keys pays O(k), not O(L), for its output.
     Invisible ids get no weight; a query whose ids are all invisible gets 0.
     """
-    scores = torch.matmul(picked_rows(key, ids).float(), (query.float() * scaling).unsqueeze(-1)).squeeze(-1)
-    scores = soft_capped(scores, softcap).masked_fill_(~visible.expand(*ids.shape[:3], -1).gather(-1, ids), float("-inf"))
-    return weighted_ids(torch.softmax(scores, dim=-1).nan_to_num_(0.0), ids, value)
+    return attend_valid(query, key, value, ids, visible.expand(*ids.shape[:3], -1).gather(-1, ids), scaling, softcap)
+
+
+def attend_valid(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    ids: torch.Tensor,
+    valid: torch.Tensor,
+    scaling: float,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Exact softmax attention over the slots of `ids` (B, Hq, Q, k) where `valid` -> (B, Hq, Q, D) float32; a row
+    with no valid slot gets 0. On a CPU one numba pass per row (`_attend_scan.py`) reads the picked keys in place."""
+    kernels = numba_module("approx._attend_scan") if query.device.type == "cpu" else None
+    if kernels is None:
+        scores = torch.matmul(picked_rows(key, ids).float(), (query.float() * scaling).unsqueeze(-1)).squeeze(-1)
+        scores = soft_capped(scores, softcap).masked_fill_(~valid, float("-inf"))
+        return weighted_ids(torch.softmax(scores, dim=-1).nan_to_num_(0.0), ids, value)
+    batch, q_heads, q_len, dim = query.shape
+    kv_heads, k_len = key.shape[1], key.shape[2]
+    rows, k = batch * q_heads * q_len, ids.shape[-1]
+    out = torch.empty(rows, value.shape[-1])
+    if rows >= MIN_KERNEL_ROWS:
+        kernel = kernels.attend_ids
+        match_torch_threads()
+    else:
+        kernel = kernels.attend_ids_serial
+    kernel(
+        query.float().reshape(rows, dim).contiguous().numpy(),
+        key.float().contiguous().view(batch * kv_heads, k_len, dim).numpy(),
+        value.float().contiguous().view(batch * kv_heads, k_len, -1).numpy(),
+        row_groups(batch, q_heads, kv_heads, q_len), ids.reshape(rows, k).contiguous().numpy(),
+        valid.expand(ids.shape).reshape(rows, k).contiguous().numpy(), float(scaling), float(softcap or 0.0),
+        out.numpy(),
+    )  # fmt: skip
+    return out.view(batch, q_heads, q_len, -1)
 
 
 def exact_attention(

@@ -32,14 +32,13 @@ import torch
 from ._cache_common import (
     PLACEHOLDER,
     absolute_to_cache,
-    attend_valid,
     chunk_offset,
     pick,
     precise_dtype,
     visible_ranks,
 )
 from .._numba import numba_module
-from .common import masked_logits, module_softcap
+from .common import attend_valid, masked_logits, module_softcap
 from .contract import approx_args, approx_state, method, report_scanned
 
 

@@ -24,7 +24,8 @@ from typing import Any, Sequence
 import torch
 
 from ...errors import UserInputError
-from .common import attend_over_picked, module_softcap, scores_against
+from ..topk import topk_ids
+from .common import attend_valid, module_softcap, scores_against
 from .contract import approx_args, method, report_scanned
 
 NEG_INF = float("-inf")
@@ -48,8 +49,8 @@ def loki(
     reduced_query = _project(query, basis)
     reduced_key_t = _project(key, basis).transpose(-1, -2)
     approx = scores_against(reduced_query, reduced_key_t, scaling).masked_fill_(~visible, NEG_INF)
-    ids = approx.topk(min(topk, k_len), dim=-1).indices
-    output = attend_over_picked(query, key, value, visible, ids, scaling, module_softcap(module))
+    ids, valid = topk_ids(approx, min(topk, k_len))
+    output = attend_valid(query, key, value, ids, valid, scaling, module_softcap(module))
     seen = visible.sum(-1).expand(batch, q_heads, q_len)
     report_scanned(module, seen * (rank / dim))
     return output, None, ids

@@ -20,7 +20,8 @@ import torch
 
 from ...errors import UserInputError
 from .._numba import numba_module
-from ..topk import MIN_KERNEL_ROWS, mask_rows, match_torch_threads, row_groups, row_topk
+from ..kernel_rows import MIN_KERNEL_ROWS, mask_rows, match_torch_threads, row_groups
+from ..topk import row_topk
 from .common import attend_over_picked, module_softcap
 from .contract import approx_args, approx_state, method, report_scanned
 

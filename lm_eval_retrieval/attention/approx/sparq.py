@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from .common import attend_over_picked, module_softcap, scores_against, soft_capped, weighted_values
+from ..topk import topk_ids
+from .common import attend_valid, module_softcap, scores_against, soft_capped, weighted_values
 from .contract import approx_args, method, report_scanned
 
 NEG_INF = float("-inf")
@@ -41,18 +42,28 @@ def sparq(
     visible = attention_mask.expand(batch, -1, q_len, k_len)
     softcap = module_softcap(module)
     approx = _approximate_logits(query, key, rank, scaling, softcap).masked_fill_(~visible, NEG_INF)
-    weights = torch.softmax(approx, dim=-1).nan_to_num_(0.0)
     k = min(topk, k_len)
-    ids = approx.topk(k, dim=-1).indices
-    alpha = weights.gather(-1, ids).sum(-1, keepdim=True)
-    picked = attend_over_picked(query, key, value, visible, ids, scaling, softcap)
+    ids, valid = topk_ids(approx, k)
+    # alpha: the approximate softmax mass of the k keys, from the row's log-normaliser (no (Q x K) weights kept)
+    lse = torch.logsumexp(approx, dim=-1, keepdim=True)
+    alpha = torch.where(valid, (approx.gather(-1, ids) - lse).exp(), 0.0).sum(-1, keepdim=True).nan_to_num_(0.0)
+    picked = attend_valid(query, key, value, ids, valid, scaling, softcap)
     seen = visible.sum(-1, keepdim=True).expand(batch, q_heads, q_len, 1)
-    uniform = (visible.float() / seen.clamp(min=1)).expand(batch, q_heads, q_len, k_len)
-    mean_value = weighted_values(uniform.contiguous(), value)
+    mean_value = _visible_value_sum(visible, value, q_heads) / seen.clamp(min=1)
     output = alpha * picked + (1.0 - alpha) * mean_value
     output = torch.where(seen > 0, output, 0.0)
     report_scanned(module, seen.squeeze(-1) * (rank / dim) + seen.squeeze(-1).clamp(max=k))
     return output, None, ids
+
+
+def _visible_value_sum(visible: torch.Tensor, value: torch.Tensor, q_heads: int) -> torch.Tensor:
+    """Sum of the values each query sees (B, Hq, Q, D) float32: one matmul per KV head where the mask is shared by
+    the heads, instead of one per query head over an expanded mask."""
+    batch, kv_heads = value.shape[:2]
+    if visible.shape[1] == 1:
+        sums = torch.matmul(visible.float(), value.float())  # (B, Hkv, Q, D)
+        return sums.repeat_interleave(q_heads // kv_heads, dim=1)
+    return weighted_values(visible.float().expand(batch, q_heads, -1, -1).contiguous(), value)
 
 
 def sparq_rank(rank: int, dim: int) -> int:

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import torch
 
-from ._cache_common import EXCLUDED, PLACEHOLDER, attend_valid, pick, visible_ranks
-from .common import module_softcap
+from .._numba import numba_module
+from ._cache_common import EXCLUDED, PLACEHOLDER, pick, visible_ranks
+from .common import attend_valid, module_softcap
 from .contract import approx_args, method, report_scanned
 
 
@@ -36,13 +37,29 @@ def streaming(
     batch, q_heads, q_len, _ = query.shape
     k_len = key.shape[2]
     visible = attention_mask.expand(batch, -1, q_len, k_len)
-    kept = streaming_keys(visible, int(approx_args(module, streaming)["sinks"]), topk)
-    composite = torch.where(kept, 1.0, torch.where(visible, EXCLUDED, PLACEHOLDER))
-    ids, valid = pick(composite, min(topk, k_len))  # the same keys for every head: ranked once, then expanded
+    ids, valid = streaming_ids(visible, int(approx_args(module, streaming)["sinks"]), topk)
     shape = (batch, q_heads, q_len, ids.shape[-1])
     ids, valid = ids.expand(shape).contiguous(), valid.expand(shape)
     report_scanned(module, 0.0)
     return attend_valid(query, key, value, ids, valid, scaling, module_softcap(module)), None, ids
+
+
+def streaming_ids(visible: torch.Tensor, sinks: int, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, valid) (B, H, Q, min(topk, K)) of each row's kept keys, most recent first, then filler (as `pick`
+    orders them). On a CPU one numba walk per row from each end (`_attend_scan.streaming_rows`) instead of ranking
+    every key."""
+    width = min(topk, visible.shape[-1])
+    kernels = numba_module("approx._attend_scan") if visible.device.type == "cpu" else None
+    if kernels is None or width == 0:
+        kept = streaming_keys(visible, sinks, topk)
+        return pick(torch.where(kept, 1.0, torch.where(visible, EXCLUDED, PLACEHOLDER)), width)
+    rows = visible.reshape(-1, visible.shape[-1]).contiguous()
+    ids = torch.empty(rows.shape[0], width, dtype=torch.int64)
+    valid = torch.empty(rows.shape[0], width, dtype=torch.bool)
+    sinks = max(0, min(sinks, topk - 1))
+    kernels.streaming_rows(rows.numpy(), sinks, topk - sinks, ids.numpy(), valid.numpy())
+    shape = (*visible.shape[:-1], width)
+    return ids.view(shape), valid.view(shape)
 
 
 def streaming_keys(visible: torch.Tensor, sinks: int, topk: int) -> torch.Tensor:
