@@ -4,6 +4,7 @@ run through the real probe on tiny models (left padding, GQA, prefill then cache
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from tiny_models import VOCAB, tiny_model
 
 BATCH, Q_HEADS, KV_HEADS, Q_LEN, K_LEN, DIM, K = 2, 6, 2, 12, 83, 16, 8
 SCALING = 0.3
+quest_module = sys.modules[quest.__module__]
 
 
 def make_inputs(seed: int = 1, q_len: int = Q_LEN, k_len: int = K_LEN):
@@ -140,8 +142,13 @@ def softcapped(module, softcap):
 
 @pytest.mark.parametrize("softcap", [None, 2.0])
 @pytest.mark.parametrize("size", [4, 16])
-def test_quest_follows_its_rule(size: int, softcap: float | None) -> None:
-    query, key, value, mask = make_inputs()
+@pytest.mark.parametrize(("numba", "q_len"), [(True, Q_LEN), (True, K_LEN), (False, Q_LEN)])  # serial, parallel
+def test_quest_follows_its_rule(
+    size: int, softcap: float | None, numba: bool, q_len: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not numba:  # the tensor rule GPUs run
+        monkeypatch.setattr(quest_module, "numba_module", lambda name: None)
+    query, key, value, mask = make_inputs(q_len=q_len)
     module = softcapped(module_with(page_size=size), softcap)
     output, scores, ids = quest(module, query, key, value, mask, SCALING, K)
     sets, expected = quest_reference(query, key, value, mask, SCALING, K, size, softcap)
@@ -149,8 +156,8 @@ def test_quest_follows_its_rule(size: int, softcap: float | None) -> None:
     assert_same_choice(ids, mask, sets, K)
     torch.testing.assert_close(output.double(), expected, rtol=1e-5, atol=1e-6)
     scanned = take_scanned(module)
-    visible = mask.sum(-1).expand(BATCH, Q_HEADS, Q_LEN)
-    assert scanned.shape == (BATCH, Q_HEADS, Q_LEN) and torch.all(scanned >= 2 * visible / size)
+    visible = mask.sum(-1).expand(BATCH, Q_HEADS, q_len)
+    assert scanned.shape == (BATCH, Q_HEADS, q_len) and torch.all(scanned >= 2 * visible / size)
 
 
 def test_quest_page_size_one_is_exact_topk() -> None:
@@ -166,7 +173,10 @@ def test_quest_page_size_one_is_exact_topk() -> None:
 
 
 @pytest.mark.parametrize("size", [1, 4, 16])
-def test_quest_page_bounds_cover_every_key_in_the_page(size: int) -> None:
+@pytest.mark.parametrize("numba", [True, False])
+def test_quest_page_bounds_cover_every_key_in_the_page(size: int, numba: bool, monkeypatch) -> None:
+    if not numba:
+        monkeypatch.setattr(quest_module, "numba_module", lambda name: None)
     query, key, value, mask = make_inputs(3)
     bounds, _ = quest_page_bounds(module_with(), query, key, mask.expand(BATCH, -1, -1, -1), SCALING, size)
     group = Q_HEADS // KV_HEADS

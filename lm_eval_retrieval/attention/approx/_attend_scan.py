@@ -15,23 +15,29 @@ import numpy as np
 
 
 @numba.njit(inline="always", fastmath={"contract"})
+def key_score(r, query, keys, group, j, scaling, softcap):  # pragma: no cover - compiled
+    """The scaled (and soft-capped where softcap > 0) score of query row r against key j of group `group`."""
+    s = np.float32(0.0)
+    for d in range(query.shape[1]):
+        s += query[r, d] * keys[group, j, d]
+    s *= scaling
+    if softcap > 0.0:
+        s = softcap * np.tanh(s / softcap)
+    return s
+
+
+@numba.njit(inline="always", fastmath={"contract"})
 def attend_picked_row(r, query, keys, values, group, picked, count, scaling, softcap, scores, acc, out):  # pragma: no cover
     """out[r] = softmax attention of query[r] over the keys picked[:count] of group `group` (0 if count is 0);
     scores (>= count) and acc (value dim) are the caller's scratch. Shared with simhash's kernel."""
-    dim, value_dim = query.shape[1], values.shape[2]
+    value_dim = values.shape[2]
     if count == 0:
         for d in range(value_dim):
             out[r, d] = 0.0
         return
     top = -np.inf
     for c in range(count):
-        j = picked[c]
-        s = np.float32(0.0)
-        for d in range(dim):
-            s += query[r, d] * keys[group, j, d]
-        s *= scaling
-        if softcap > 0.0:
-            s = softcap * np.tanh(s / softcap)
+        s = key_score(r, query, keys, group, picked[c], scaling, softcap)
         scores[c] = s
         top = max(top, s)
     for d in range(value_dim):

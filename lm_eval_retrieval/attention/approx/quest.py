@@ -19,6 +19,10 @@ Cost model: scanned = 2 * visible_keys / page_size (the two summary products per
 
 State: the summaries of whole pages are kept in `approx_state(module)` and extended as keys arrive, so a decode step
 summarises only its newest page; the probe empties that state at the start of every sequence.
+
+On a CPU the partly visible pages' bounds and each query's scoring of the keys in the pages it reads (and the
+attention over its best k) are numba kernels (`_quest_scan.py`): only the read pages' keys are scored, as the rule
+says. Elsewhere the same rule runs as tensor operations over every key's exact score.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .._numba import numba_module
+from ..kernel_rows import MIN_KERNEL_ROWS, mask_rows, match_torch_threads, row_groups
 from .common import attend_over_ids, masked_logits, module_softcap, scores_against
 from .contract import approx_args, approx_state, method, report_scanned
 
@@ -51,12 +57,42 @@ def quest(
     bounds, slots = quest_page_bounds(module, query, key, visible, scaling, size)
     counts = _per_query_head(slots.sum(-1), q_heads)  # visible keys per (query, page)
     read, order = _pages_to_read(bounds, counts, k)
-    logits = masked_logits(query, key, visible, scaling, module_softcap(module))
-    ids = _best_keys_in_pages(logits, order, read, size, k, visible, q_heads)
     pages_read = read.sum(-1)
     visible_keys = _per_query_head(visible.sum(-1), q_heads)
     report_scanned(module, 2.0 * visible_keys / size + float(size) * pages_read)
+    kernels = numba_module("approx._quest_scan") if query.device.type == "cpu" else None
+    if kernels is not None:
+        return _read_and_attend(kernels, query, key, value, visible, order, read, size, scaling, k, module)
+    logits = masked_logits(query, key, visible, scaling, module_softcap(module))
+    ids = _best_keys_in_pages(logits, order, read, size, k, visible, q_heads)
     return attend_over_ids(logits, ids, value), None, ids
+
+
+def _read_and_attend(  # type: ignore[no-untyped-def]
+    kernels, query, key, value, visible, order, read, size: int, scaling: float, k: int, module
+) -> tuple[torch.Tensor, None, torch.Tensor]:
+    """The CPU path of the last steps: each row scores only the keys of the pages it reads (`_quest_scan.py`)."""
+    batch, q_heads, q_len, dim = query.shape
+    kv_heads, k_len = key.shape[1], key.shape[2]
+    mask_heads, rows = visible.shape[1], batch * q_heads * q_len
+    mask = visible.reshape(-1, k_len).contiguous()
+    hidden = (~mask).to(torch.uint8).argmax(-1)  # each mask row's first invisible key (0 if none): placeholders
+    ids, out = torch.empty(rows, k, dtype=torch.int64), torch.empty(rows, value.shape[-1])
+    if rows >= MIN_KERNEL_ROWS:
+        kernel = kernels.quest_attend
+        match_torch_threads()
+    else:
+        kernel = kernels.quest_attend_serial
+    kernel(
+        query.float().reshape(rows, dim).contiguous().numpy(),
+        key.float().contiguous().view(batch * kv_heads, k_len, dim).numpy(),
+        value.float().contiguous().view(batch * kv_heads, k_len, -1).numpy(), row_groups(batch, q_heads, kv_heads, q_len),
+        mask.numpy(), mask_rows(batch, q_heads, q_len, mask_heads), order.reshape(rows, -1).contiguous().numpy(),
+        read.reshape(rows, -1).contiguous().numpy(), size, float(scaling), float(module_softcap(module) or 0.0),
+        hidden.numpy(), ids.numpy(), out.numpy(),
+    )  # fmt: skip
+    shape = (batch, q_heads, q_len)
+    return out.view(*shape, -1), None, ids.view(*shape, k)
 
 
 def quest_page_bounds(
@@ -124,12 +160,24 @@ def _partial_bounds(
     query: torch.Tensor, key: torch.Tensor, slots: torch.Tensor, where: torch.Tensor, scaling: float, size: int
 ) -> torch.Tensor:
     """Bounds of the partly visible (batch, query head, query, page) entries `where` (N, 4), each page summarised
-    over the keys that query sees; in blocks so that memory stays bounded whatever the mask."""
+    over the keys that query sees; in blocks so that memory stays bounded whatever the mask (on a CPU, one numba
+    pass that reads each page's keys in place)."""
     batch, kv_heads, k_len, dim = key.shape
     group = query.shape[1] // kv_heads
+    mask_heads = slots.shape[1]
+    kernels = numba_module("approx._quest_scan") if query.device.type == "cpu" else None
+    if kernels is not None:
+        b, h, q, p = where.unbind(1)
+        seen = slots[b, h if mask_heads > 1 else torch.zeros_like(h), q, p].contiguous()
+        out = torch.empty(where.shape[0])
+        match_torch_threads()
+        kernels.partial_bounds(
+            query[b, h, q].float().contiguous().numpy(), key.float().contiguous().view(-1, k_len, dim).numpy(),
+            (b * kv_heads + h // group).numpy(), p.contiguous().numpy(), seen.numpy(), size, float(scaling), out.numpy(),
+        )  # fmt: skip
+        return out
     pages = slots.shape[3]
     paged = F.pad(key.float(), (0, 0, 0, pages * size - k_len)).view(batch, kv_heads, pages, size, dim)
-    mask_heads = slots.shape[1]
     out = []
     step = max(1, PARTIAL_BLOCK // (size * dim))
     for start in range(0, where.shape[0], step):
