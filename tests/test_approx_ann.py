@@ -205,8 +205,11 @@ def _check_ivf(ids, output, sets, expected, mask):
 
 
 @pytest.mark.parametrize("softcap", [None, 20.0])
-def test_ivf_follows_its_rule(softcap) -> None:
-    query, key, value, mask = _inputs()
+@pytest.mark.parametrize(("numba", "q_len"), [(True, 12), (True, 48), (False, 12)])  # serial, parallel, tensors
+def test_ivf_follows_its_rule(softcap, numba: bool, q_len: int, monkeypatch) -> None:
+    if not numba:
+        monkeypatch.setattr(sys.modules[ivf.__module__], "numba_module", lambda name: None)
+    query, key, value, mask = _inputs(q_len=q_len)
     mask[0, :, 0, 5:] = False
     module = _module(softcap=softcap, sinks=2, window=2, nlist=6, nprobe=2)
     output, scores, ids = ivf(module, query, key, value, mask, 0.25, 8)

@@ -13,6 +13,15 @@ import torch
 MIN_KERNEL_ROWS = 256
 
 
+def row_kernel(kernels, name: str, rows: int):  # type: ignore[no-untyped-def]
+    """The kernel `name` of a compiled module, parallel for many rows; its `<name>_serial` twin, on the calling
+    thread, for a few (a decode step)."""
+    if rows >= MIN_KERNEL_ROWS:
+        match_torch_threads()
+        return getattr(kernels, name)
+    return getattr(kernels, f"{name}_serial")
+
+
 def match_torch_threads() -> None:
     """numba's pool uses as many threads as torch's (a user who limits one limits both)."""
     import numba

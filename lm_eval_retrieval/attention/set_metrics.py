@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ._numba import numba_module
-from .kernel_rows import MIN_KERNEL_ROWS, mask_rows, match_torch_threads
+from .kernel_rows import mask_rows, row_kernel
 
 NEG_INF = float("-inf")
 
@@ -52,12 +52,7 @@ def id_set_metrics(
         row_mask = mask_rows(batch, heads, size, attend.shape[1])
     hits, used = torch.empty(rows, dtype=torch.int64), torch.empty(rows, dtype=torch.int64)
     mass, error, exact_mass = torch.empty(rows), torch.empty(rows), torch.empty(rows)
-    if rows >= MIN_KERNEL_ROWS:
-        kernel = kernels.id_set_metrics
-        match_torch_threads()
-    else:
-        kernel = kernels.id_set_metrics_serial
-    kernel(
+    row_kernel(kernels, "id_set_metrics", rows)(
         logits.reshape(rows, width).contiguous().numpy(), lse.reshape(rows).float().contiguous().numpy(),
         exact_scores.reshape(rows, -1).float().contiguous().numpy(), exact_ids.reshape(rows, -1).contiguous().numpy(),
         approx_ids.reshape(rows, -1).long().contiguous().numpy(), row_limit, mask, row_mask,

@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 
 from ._numba import numba_module
-from .kernel_rows import MIN_KERNEL_ROWS, match_torch_threads, row_groups
+from .kernel_rows import MIN_KERNEL_ROWS, match_torch_threads, row_groups, row_kernel
 
 BLOCK = 32  # scores per block
 MIN_BLOCKS_PER_K = 4  # without numba, rows shorter than BLOCK * MIN_BLOCKS_PER_K * k go to torch.topk directly
@@ -105,12 +105,7 @@ def attend_topk(
     rows = batch * q_heads * q_len
     output = torch.empty(rows, dim)
     error, mass = torch.empty(rows), torch.empty(rows)
-    if rows >= MIN_KERNEL_ROWS:
-        kernel = kernels.attend_topk
-        match_torch_threads()
-    else:
-        kernel = kernels.attend_topk_serial
-    kernel(
+    row_kernel(kernels, "attend_topk", rows)(
         scores.reshape(rows, k).contiguous().numpy(), ids.reshape(rows, k).contiguous().numpy(),
         row_groups(batch, q_heads, kv_heads, q_len), groups.numpy(), exact.reshape(rows, dim).contiguous().numpy(),
         lse.reshape(rows).float().contiguous().numpy(), output.numpy(), error.numpy(), mass.numpy(),

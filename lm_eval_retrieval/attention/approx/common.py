@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .._numba import numba_module
-from ..kernel_rows import MIN_KERNEL_ROWS, match_torch_threads, row_groups
+from ..kernel_rows import row_groups, row_kernel
 
 
 def masked_logits(
@@ -125,12 +125,7 @@ def attend_valid(
     kv_heads, k_len = key.shape[1], key.shape[2]
     rows, k = batch * q_heads * q_len, ids.shape[-1]
     out = torch.empty(rows, value.shape[-1])
-    if rows >= MIN_KERNEL_ROWS:
-        kernel = kernels.attend_ids
-        match_torch_threads()
-    else:
-        kernel = kernels.attend_ids_serial
-    kernel(
+    row_kernel(kernels, "attend_ids", rows)(
         query.float().reshape(rows, dim).contiguous().numpy(),
         key.float().contiguous().view(batch * kv_heads, k_len, dim).numpy(),
         value.float().contiguous().view(batch * kv_heads, k_len, -1).numpy(),

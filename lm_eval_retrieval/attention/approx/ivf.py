@@ -23,6 +23,9 @@ n indexed keys; `nprobe=-1` means ceil(nlist / 10), about a tenth of the keys sc
 own index and far more for IVF at equal accuracy). nprobe >= nlist searches every list: exact top-k outside the window.
 
 Cost model (key-vector equivalents per query): nlist centroids + the visible non-static keys in the probed lists.
+
+On a CPU each query's search and attention run as one numba pass (`_ivf_scan.py`) that scores only the keys of the
+lists it probes; elsewhere the same rule runs as tensor operations over every key's exact score.
 faiss-cpu is optional: the method asks for `pip install faiss-cpu` when it is called without it.
 """
 
@@ -35,6 +38,8 @@ import numpy as np
 import torch
 
 from ...errors import UserInputError
+from .._numba import numba_module
+from ..kernel_rows import mask_rows, row_groups, row_kernel
 from .common import masked_logits, module_softcap, padded_ids, static_keys, weighted_ids
 from .contract import approx_args, approx_state, method, report_scanned
 
@@ -157,11 +162,19 @@ def ivf(
     k_len = key.shape[2]
     k = min(topk, k_len)
     visible = attention_mask.expand(batch, -1, q_len, k_len)
-    static = static_keys(visible, *static_sizes(args, topk)).expand(batch, q_heads, q_len, k_len)
+    sinks, window = static_sizes(args, topk)
     index = sequence_index(module, key, args)
     nprobe = list_counts(args, index.length)[1]
+    probed = index.probed(query, min(nprobe, index.nlist))
+    kernels = numba_module("approx._ivf_scan") if query.device.type == "cpu" and sinks + window <= k else None
+    if kernels is not None:
+        output, ids, searched = _search_and_attend(kernels, query, key, value, visible, index, probed, sinks, window,
+                                                   scaling, module_softcap(module), k)  # fmt: skip
+        report_scanned(module, index.nlist + searched.double())
+        return output, None, ids
+    static = static_keys(visible, sinks, window).expand(batch, q_heads, q_len, k_len)
     lists = index.lists.to(query.device).repeat_interleave(q_heads // key.shape[1], dim=1)[:, :, None, :]
-    in_probed = index.probed(query, min(nprobe, index.nlist)).gather(-1, lists.expand(-1, -1, q_len, -1))
+    in_probed = probed.gather(-1, lists.expand(-1, -1, q_len, -1))
     searchable = visible & ~static & in_probed
     logits = masked_logits(query, key, visible, scaling, module_softcap(module))
     budget = (k - static.sum(-1, keepdim=True)).clamp(min=0)
@@ -174,3 +187,25 @@ def ivf(
     return weighted_ids(weights, ids, value), None, ids
 
 
+def _search_and_attend(  # type: ignore[no-untyped-def]
+    kernels, query, key, value, visible, index: _Index, probed, sinks: int, window: int, scaling: float,
+    softcap: float | None, k: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The CPU path: each row scores only the keys of the lists it probes (`_ivf_scan.py`). Returns (output,
+    ids, keys searched per row)."""
+    batch, q_heads, q_len, dim = query.shape
+    kv_heads, k_len = key.shape[1], key.shape[2]
+    rows = batch * q_heads * q_len
+    mask = visible.reshape(-1, k_len).contiguous()
+    ids, out = torch.empty(rows, k, dtype=torch.int64), torch.empty(rows, value.shape[-1])
+    searched = torch.empty(rows, dtype=torch.int64)
+    row_kernel(kernels, "ivf_attend", rows)(
+        query.float().reshape(rows, dim).contiguous().numpy(),
+        key.float().contiguous().view(batch * kv_heads, k_len, dim).numpy(),
+        value.float().contiguous().view(batch * kv_heads, k_len, -1).numpy(), row_groups(batch, q_heads, kv_heads, q_len),
+        mask.numpy(), mask_rows(batch, q_heads, q_len, visible.shape[1]),
+        index.lists.reshape(batch * kv_heads, -1).contiguous().numpy(), probed.reshape(rows, -1).contiguous().numpy(),
+        sinks, window, float(scaling), float(softcap or 0.0), ids.numpy(), searched.numpy(), out.numpy(),
+    )  # fmt: skip
+    shape = (batch, q_heads, q_len)
+    return out.view(*shape, -1), ids.view(*shape, k), searched.view(shape)

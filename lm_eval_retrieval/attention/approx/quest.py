@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .._numba import numba_module
-from ..kernel_rows import MIN_KERNEL_ROWS, mask_rows, match_torch_threads, row_groups
+from ..kernel_rows import mask_rows, match_torch_threads, row_groups, row_kernel
 from .common import attend_over_ids, masked_logits, module_softcap, scores_against
 from .contract import approx_args, approx_state, method, report_scanned
 
@@ -78,12 +78,7 @@ def _read_and_attend(  # type: ignore[no-untyped-def]
     mask = visible.reshape(-1, k_len).contiguous()
     hidden = (~mask).to(torch.uint8).argmax(-1)  # each mask row's first invisible key (0 if none): placeholders
     ids, out = torch.empty(rows, k, dtype=torch.int64), torch.empty(rows, value.shape[-1])
-    if rows >= MIN_KERNEL_ROWS:
-        kernel = kernels.quest_attend
-        match_torch_threads()
-    else:
-        kernel = kernels.quest_attend_serial
-    kernel(
+    row_kernel(kernels, "quest_attend", rows)(
         query.float().reshape(rows, dim).contiguous().numpy(),
         key.float().contiguous().view(batch * kv_heads, k_len, dim).numpy(),
         value.float().contiguous().view(batch * kv_heads, k_len, -1).numpy(), row_groups(batch, q_heads, kv_heads, q_len),

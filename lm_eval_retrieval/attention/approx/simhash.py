@@ -20,7 +20,7 @@ import torch
 
 from ...errors import UserInputError
 from .._numba import numba_module
-from ..kernel_rows import MIN_KERNEL_ROWS, mask_rows, match_torch_threads, row_groups
+from ..kernel_rows import mask_rows, row_groups, row_kernel
 from ..topk import row_topk
 from .common import attend_over_picked, module_softcap
 from .contract import approx_args, approx_state, method, report_scanned
@@ -107,12 +107,7 @@ def _simhash_kernel(  # type: ignore[no-untyped-def]
     ids = torch.empty(rows, k, dtype=torch.int64)
     out = torch.empty(rows, value.shape[-1])
     softcap = module_softcap(module) or 0.0
-    if rows >= MIN_KERNEL_ROWS:
-        kernel = kernels.simhash_attend
-        match_torch_threads()
-    else:
-        kernel = kernels.simhash_attend_serial
-    kernel(
+    row_kernel(kernels, "simhash_attend", rows)(
         query_proj.numpy(), key_codes.numpy(), planes.shape[1], row_group, mask.numpy(), row_mask,
         row_end.numpy(), query.float().reshape(rows, dim).contiguous().numpy(),
         key.float().contiguous().view(batch * kv_heads, k_len, dim).numpy(),
