@@ -29,6 +29,7 @@ def h2o_select(logits, acc, heavy, ids, valid, counts):  # pragma: no cover - co
     for g in numba.prange(groups):
         best_acc = np.empty(heavy, dtype=np.float64)
         best_id = np.empty(heavy, dtype=np.int64)
+        weights = np.empty(width, dtype=np.float64)
         for i in range(rows):
             row = logits[g, i]
             total = 0
@@ -75,11 +76,11 @@ def h2o_select(logits, acc, heavy, ids, valid, counts):  # pragma: no cover - co
                         found += 1
             if total == 0:
                 continue
+            # The row's softmax: one exp per key, kept for the accumulation (the exps are the kernel's main cost).
             norm = 0.0
             for j in range(width):
-                if row[j] > -np.inf:
-                    norm += np.exp(np.float64(row[j]) - top)
-            shift = top + np.log(norm)
+                weight = np.exp(np.float64(row[j]) - top) if row[j] > -np.inf else 0.0
+                weights[j] = weight
+                norm += weight
             for j in range(width):
-                if row[j] > -np.inf:
-                    acc[g, j] += np.exp(np.float64(row[j]) - shift)
+                acc[g, j] += weights[j] / norm
