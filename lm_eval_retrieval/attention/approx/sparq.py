@@ -44,9 +44,10 @@ def sparq(
     approx = _approximate_logits(query, key, rank, scaling, softcap).masked_fill_(~visible, NEG_INF)
     k = min(topk, k_len)
     ids, valid = topk_ids(approx, k)
-    # alpha: the approximate softmax mass of the k keys, from the row's log-normaliser (no (Q x K) weights kept)
-    lse = torch.logsumexp(approx, dim=-1, keepdim=True)
-    alpha = torch.where(valid, (approx.gather(-1, ids) - lse).exp(), 0.0).sum(-1, keepdim=True).nan_to_num_(0.0)
+    # alpha: the approximate softmax mass of the k keys (a row that sees nothing has no valid id: alpha 0, and its
+    # NaN weights are never read)
+    weights = torch.softmax(approx, dim=-1)
+    alpha = torch.where(valid, weights.gather(-1, ids), 0.0).sum(-1, keepdim=True)
     picked = attend_valid(query, key, value, ids, valid, scaling, softcap)
     seen = visible.sum(-1, keepdim=True).expand(batch, q_heads, q_len, 1)
     mean_value = _visible_value_sum(visible, value, q_heads) / seen.clamp(min=1)
