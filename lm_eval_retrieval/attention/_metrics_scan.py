@@ -11,6 +11,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from ._topk_scan import PARTS
+
 
 @numba.njit(inline="always", fastmath={"contract"})
 def _row(
@@ -67,7 +69,7 @@ def id_set_metrics(
     0 <= i <= row_limit[r], i < W, and, where row_mask[r] >= 0, mask[row_mask[r], i].
     """
     rows = logits.shape[0]
-    parts = min(rows, 8 * numba.get_num_threads())
+    parts = min(rows, PARTS)
     for p in numba.prange(parts):
         exact_set = np.empty(exact_ids.shape[1], dtype=exact_ids.dtype)
         ids = np.empty(approx_ids.shape[1], dtype=approx_ids.dtype)

@@ -9,6 +9,10 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+# Rows are cut into this many parts, each with its own scratch memory, for numba's pool to share out (a constant:
+# asking numba for its thread count inside a kernel would stop the kernel being cached on disk).
+PARTS = 256
+
 
 @numba.njit(inline="always")
 def insert_descending(best, where, held, value, index):  # pragma: no cover - compiled

@@ -13,6 +13,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from .._topk_scan import PARTS
+
 
 @numba.njit(inline="always", fastmath={"contract"})
 def key_score(r, query, keys, group, j, scaling, softcap):  # pragma: no cover - compiled
@@ -75,7 +77,7 @@ def attend_ids(query, keys, values, row_group, ids, valid, scaling, softcap, out
     to the slots c of ids[r] (R, k) with valid[r, c]; scores scaled by `scaling` and soft-capped where softcap > 0.
     A row with no valid slot gets 0."""
     rows = ids.shape[0]
-    parts = min(rows, 8 * numba.get_num_threads())
+    parts = min(rows, PARTS)
     for p in numba.prange(parts):
         picked, scores, acc = _scratch(ids.shape[1], values.shape[2])
         for r in range(p * rows // parts, (p + 1) * rows // parts):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from .._topk_scan import insert_descending
+from .._topk_scan import PARTS, insert_descending
 from ._attend_scan import attend_picked_row, key_score
 
 
@@ -81,7 +81,7 @@ def quest_attend(
 
     query (R, D) float32; keys/values (G, K, D) with row_group (R,); visible (M, K) bool with row_mask (R,)."""
     rows = ids.shape[0]
-    parts = min(rows, 8 * numba.get_num_threads())
+    parts = min(rows, PARTS)
     for p in numba.prange(parts):
         best, where, scores, acc = _scratch(ids.shape[1], values.shape[2])
         for r in range(p * rows // parts, (p + 1) * rows // parts):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from .._topk_scan import PARTS
 from ._attend_scan import attend_picked_row
 
 @numba.njit(inline="always")
@@ -114,7 +115,7 @@ def simhash_attend(
     sees nothing gets 0.
     """
     rows = ids.shape[0]
-    parts = min(rows, 8 * numba.get_num_threads())
+    parts = min(rows, PARTS)
     for p in numba.prange(parts):
         distance, candidates, scores, acc = _scratch(visible.shape[1], ids.shape[1], values.shape[2])
         for r in range(p * rows // parts, (p + 1) * rows // parts):
