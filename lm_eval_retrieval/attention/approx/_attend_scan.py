@@ -1,5 +1,5 @@
-"""The numba kernel behind `common.attend_over_picked` and `_cache_common.attend_valid` on CPUs: each query's exact
-softmax attention over the keys its method picked, one row at a time.
+"""The numba kernels behind `common.attend_valid` (and `attend_over_picked`, which calls it) and `streaming`'s ids on
+CPUs: each query's exact softmax attention over the keys its method picked, one row at a time.
 
 As tensor operations that step copies every picked key and value row per query head ((B, Hq, Q, k, D) twice),
 scores them with a batched matmul of one row each, and normalises: at 2k tokens and k = 32 it cost streaming more

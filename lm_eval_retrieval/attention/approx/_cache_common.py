@@ -1,5 +1,5 @@
-"""Helpers shared by the KV-cache eviction methods (`streaming`, `h2o`, `snapkv`): ranking keys into ids, attending
-over exactly the chosen ids, and locating a query chunk in its sequence.
+"""Helpers shared by the KV-cache eviction methods (`streaming`, `h2o`, `snapkv`): ranking keys into ids and locating
+a query chunk in its sequence (their attention over the chosen ids is `common.attend_valid`).
 
 Eviction methods choose a *set* of keys, and two cases do not fit `common.attend_over_picked`: a set may be smaller
 than the id tensor is wide (fewer keys chosen than k in one row of the batch) while every key of that row is visible
