@@ -28,6 +28,7 @@ from tiny_models import tiny_model
 B, HQ, HKV, D, PROMPT, STEPS, PAD = 2, 4, 2, 8, 40, 3, 9
 h2o_module = sys.modules[h2o.__module__]  # the package re-exports the function under the module's name
 streaming_module = sys.modules[streaming.__module__]
+snapkv_module = sys.modules[snapkv.__module__]
 SCALING = 0.5
 
 
@@ -301,7 +302,9 @@ def reference_snapkv(query, key, visible, topk: int, window: int = 32, kernel: i
                     votes[j] = sum(probs[r].get(j, 0.0) for r in in_window)
                 pooled = {}
                 for j in prefix:
-                    around = [votes[i] if 0 <= i < n else 0.0 for i in range(j - kernel // 2, j + kernel // 2 + 1)]
+                    # The paper's max_pool1d(padding=kernel // 2): keys [j - kernel // 2, j - kernel // 2 + kernel).
+                    reach = range(j - kernel // 2, j - kernel // 2 + kernel)
+                    around = [votes[i] if 0 <= i < n else 0.0 for i in reach]
                     pooled[j] = max(around) if pooling == "max" else sum(around) / kernel
                 voted = sorted(prefix, key=lambda j: (-pooled[j], -j))[: topk - w]
                 sets[b, h, row] = set(in_window) | set(voted)
@@ -312,11 +315,17 @@ def reference_snapkv(query, key, visible, topk: int, window: int = 32, kernel: i
     return sets
 
 
+@pytest.mark.parametrize("numba", [True, False])  # the CPU kernel, and the tensor rule GPUs run
 @pytest.mark.parametrize(
     ("topk", "args", "softcap"),
-    [(8, {}, None), (10, {"pooling": "avg", "kernel": 5}, None), (6, {"window": 2}, 4.0), (3, {"kernel": 1}, None)],
-)
-def test_snapkv_follows_its_rule(topk: int, args: dict, softcap: float | None) -> None:
+    [(8, {}, None), (10, {"pooling": "avg", "kernel": 5}, None), (6, {"window": 2}, 4.0), (3, {"kernel": 1}, None),
+     (9, {"kernel": 4}, None), (12, {"pooling": "avg", "kernel": 6, "window": 3}, None)],
+)  # fmt: skip
+def test_snapkv_follows_its_rule(
+    topk: int, args: dict, softcap: float | None, numba: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not numba:
+        monkeypatch.setattr(snapkv_module, "numba_module", lambda name: None)
     query, key, value, visible = sequence(seed=4)
     module = module_with(args, softcap)
     got, outputs = drive(snapkv, module, query, key, value, visible, topk)
@@ -325,7 +334,10 @@ def test_snapkv_follows_its_rule(topk: int, args: dict, softcap: float | None) -
     assert module.__dict__["_approx_scanned"] == 0.0  # a decode step scores no key to choose
 
 
-def test_snapkv_prefill_chunking_does_not_matter() -> None:
+@pytest.mark.parametrize("numba", [True, False])
+def test_snapkv_prefill_chunking_does_not_matter(numba: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    if not numba:
+        monkeypatch.setattr(snapkv_module, "numba_module", lambda name: None)
     query, key, value, visible = sequence(seed=5)
     whole = drive(snapkv, module_with(), query, key, value, visible, 8, chunk=PROMPT)
     rows = drive(snapkv, module_with(), query, key, value, visible, 8, chunk=1)
@@ -333,7 +345,10 @@ def test_snapkv_prefill_chunking_does_not_matter() -> None:
     torch.testing.assert_close(whole[1], rows[1])
 
 
-def test_snapkv_with_a_sliding_cache_that_drops_keys() -> None:
+@pytest.mark.parametrize("numba", [True, False])
+def test_snapkv_with_a_sliding_cache_that_drops_keys(numba: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    if not numba:
+        monkeypatch.setattr(snapkv_module, "numba_module", lambda name: None)
     query, key, value, visible = sequence(seed=6, window=16)
     got, outputs = drive(snapkv, module_with(), query, key, value, visible, 8, cache=16)
     expected = reference_snapkv(query, key, visible, 8)
@@ -435,3 +450,32 @@ def test_pick_kernel_equals_the_stable_sort(dtype: torch.dtype, monkeypatch: pyt
     monkeypatch.setattr(cache_common, "numba_module", lambda name: None)
     expected = pick(composite, 17)
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+@pytest.mark.parametrize("fn", [h2o, snapkv])
+def test_reusing_the_probes_scores_changes_nothing(arch: str, fn, monkeypatch: pytest.MonkeyPatch) -> None:
+    """h2o and snapkv read the scores the probe computed for its exact reference (`chunk_logits`), only as wide as
+    the chunk's last key; small chunks make that narrower than the cache. The analysis must equal the one where
+    each method scores every key itself."""
+    import contextlib
+
+    from lm_eval_retrieval.attention import probes as probes_module
+
+    ids, padding = _batch()
+    scored = []
+    own_scores = common_module.masked_logits
+    monkeypatch.setattr(common_module, "masked_logits", lambda *args: scored.append(1) or own_scores(*args))
+    runs = []
+    for share in (True, False):
+        if not share:
+            monkeypatch.setattr(probes_module, "sharing_chunk_logits", lambda *args: contextlib.nullcontext())
+        scored.clear()
+        probe, _, logits = analysed_run(tiny_model(arch), fn, ids, padding, chunk_elements=2**9)
+        assert bool(scored) != share  # the shared scores were used, and only where the probe shares them
+        runs.append((probe.stats, logits))
+    (shared, shared_logits), (own, own_logits) = runs
+    for field in ApproxStats.FIELDS:
+        torch.testing.assert_close(shared.means(field), own.means(field), rtol=1e-5, atol=1e-6, equal_nan=True)
+    for a, b in zip(shared_logits, own_logits):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

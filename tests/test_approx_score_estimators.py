@@ -274,15 +274,21 @@ def test_loki_without_a_basis_says_how_to_calibrate() -> None:
 
 @pytest.mark.parametrize("softcap", [None, 2.0])
 @pytest.mark.parametrize("rank", [0, 5])
-def test_sparq_follows_its_rule(rank: int, softcap: float | None) -> None:
-    query, key, value, mask = make_inputs(8)
+@pytest.mark.parametrize(("numba", "q_len"), [(True, Q_LEN), (True, K_LEN), (False, Q_LEN)])  # serial, parallel
+def test_sparq_follows_its_rule(
+    rank: int, softcap: float | None, numba: bool, q_len: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not numba:  # the tensor rule GPUs run
+        monkeypatch.setattr(sys.modules[sparq.__module__], "numba_module", lambda name: None)
+    query, key, value, mask = make_inputs(8, q_len=q_len)
+    mask[1, :, 0] = False  # a row that sees nothing: output 0, no valid id
     module = softcapped(module_with(rank=rank), softcap)
     output, _, ids = sparq(module, query, key, value, mask, SCALING, K)
     used = rank or DIM // 8
     sets, expected = sparq_reference(query, key, value, mask, SCALING, K, used, softcap)
     assert_same_choice(ids, mask, sets, K)
     torch.testing.assert_close(output.double(), expected, rtol=1e-5, atol=1e-6)
-    seen = mask.sum(-1).expand(BATCH, Q_HEADS, Q_LEN)
+    seen = mask.sum(-1).expand(BATCH, Q_HEADS, q_len)
     torch.testing.assert_close(take_scanned(module), seen * used / DIM + seen.clamp(max=K))
 
 

@@ -17,36 +17,32 @@ from ._topk_scan import PARTS
 @numba.njit(inline="always", fastmath={"contract"})
 def _row(
     r, logits, lse, exact_scores, exact_ids, approx_ids, row_limit, mask, row_mask, approx_out, exact_out,
-    hits, mass, used, error, exact_mass, exact_set, ids,
+    hits, mass, used, error, exact_mass, marks,
 ):  # pragma: no cover - compiled
     k = exact_ids.shape[1]
     width = logits.shape[1]
-    held, found = 0.0, 0
+    # marks[i] == in_exact: key i is one of the row's exact top-k; == seen: the row's approximate ids named it
+    # already. Both are unique to the row (r only grows within a thread), so the array is never cleared.
+    in_exact, seen = 2 * r + 1, 2 * r + 2
+    held = 0.0
     for j in range(k):
         if exact_scores[r, j] > -np.inf:
             held += np.exp(exact_scores[r, j] - lse[r])
-            exact_set[found] = exact_ids[r, j]
-            found += 1
+            marks[exact_ids[r, j]] = in_exact
     exact_mass[r] = held
-    exact_set[:found].sort()  # in place, in the caller's scratch: no allocation per row
-    for j in range(ids.shape[0]):
-        ids[j] = approx_ids[r, j]
-    ids.sort()
     limit = row_limit[r]
     row = row_mask[r]
-    previous, hit, count, picked = -1, 0, 0, 0.0
-    for j in range(ids.shape[0]):
-        i = ids[j]
-        if i == previous or i < 0 or i > limit or i >= width:  # a repeat, or a key the row cannot see
+    hit, count, picked = 0, 0, 0.0
+    for j in range(approx_ids.shape[1]):
+        i = approx_ids[r, j]
+        if i < 0 or i > limit or i >= width or marks[i] == seen:  # a key the row cannot see, or a repeat
             continue
-        previous = i
         if row >= 0 and not mask[row, i]:
             continue
+        hit += marks[i] == in_exact
+        marks[i] = seen
         count += 1
         picked += np.exp(logits[r, i] - lse[r])
-        slot = np.searchsorted(exact_set[:found], i)
-        if slot < found and exact_set[slot] == i:
-            hit += 1
     hits[r], mass[r], used[r] = hit, picked, count
     difference, norm = 0.0, 0.0
     for d in range(exact_out.shape[1]):
@@ -71,12 +67,11 @@ def id_set_metrics(
     rows = logits.shape[0]
     parts = min(rows, PARTS)
     for p in numba.prange(parts):
-        exact_set = np.empty(exact_ids.shape[1], dtype=exact_ids.dtype)
-        ids = np.empty(approx_ids.shape[1], dtype=approx_ids.dtype)
+        marks = np.zeros(logits.shape[1], dtype=np.int64)
         for r in range(p * rows // parts, (p + 1) * rows // parts):
             _row(
                 r, logits, lse, exact_scores, exact_ids, approx_ids, row_limit, mask, row_mask, approx_out,
-                exact_out, hits, mass, used, error, exact_mass, exact_set, ids,
+                exact_out, hits, mass, used, error, exact_mass, marks,
             )  # fmt: skip
 
 
@@ -86,10 +81,9 @@ def id_set_metrics_serial(
     hits, mass, used, error, exact_mass,
 ):  # pragma: no cover - compiled
     """`id_set_metrics` on the calling thread."""
-    exact_set = np.empty(exact_ids.shape[1], dtype=exact_ids.dtype)
-    ids = np.empty(approx_ids.shape[1], dtype=approx_ids.dtype)
+    marks = np.zeros(logits.shape[1], dtype=np.int64)
     for r in range(logits.shape[0]):
         _row(
             r, logits, lse, exact_scores, exact_ids, approx_ids, row_limit, mask, row_mask, approx_out, exact_out,
-            hits, mass, used, error, exact_mass, exact_set, ids,
+            hits, mass, used, error, exact_mass, marks,
         )  # fmt: skip

@@ -6,7 +6,7 @@ import math
 import torch
 
 from ..errors import UserInputError
-from .approx.common import masked_logits, scores_against, soft_capped
+from .approx.common import masked_logits, scores_against, sharing_chunk_logits, soft_capped
 from .approx.contract import reset_state, take_scanned
 from .approx.exact_topk import exact_topk
 from .budget import Budget, parse_budget
@@ -450,7 +450,8 @@ class ApproxProbe:
             if attend is None:
                 attend = visible_mask(call, start, end)
             take_scanned(call.module)  # nothing left over from a call that was not analysed
-            approx_out, _, approx_ids = call.module._approx_attn(query, key, value, attend, call.scaling, k)
+            with sharing_chunk_logits(call.module, query, attend, logits):
+                approx_out, _, approx_ids = call.module._approx_attn(query, key, value, attend, call.scaling, k)
             reported = take_scanned(call.module)
             self._check_approx(call.layer, query, call.value, approx_out, approx_ids, k_len, k)
             approx_out = approx_out.float()

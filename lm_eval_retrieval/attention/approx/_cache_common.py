@@ -69,13 +69,13 @@ def chunk_offset(state: dict[str, Any], visible: torch.Tensor) -> tuple[int, int
     rows, k_len = visible.shape[-2], visible.shape[-1]
     start = int(state.get("next_row", 0))
     state["next_row"] = start + rows
-    own = torch.where(visible, torch.arange(k_len, device=visible.device), -1).amax(-1)  # (B, H, Q)
-    own = own.flatten(0, -2).amax(0)  # (Q,): any batch row's own key (left padding: the batch shares positions)
-    real = (own >= 0).nonzero()
+    seen = visible.flatten(0, -3).any(-1).any(0)  # (Q,): rows some batch row sees a key from (left padding: the
+    real = seen.nonzero()  # batch shares positions)
     if real.numel() == 0:
         return start, None
     last = int(real[-1])
-    return start, start + last - int(own[last])
+    keys = visible[..., last, :].flatten(0, -2).any(0).nonzero()  # the keys any batch row's last real query sees
+    return start, start + last - int(keys[-1])
 
 
 def absolute_to_cache(row: torch.Tensor, old_offset: int, new_offset: int, k_len: int) -> torch.Tensor:

@@ -9,7 +9,15 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from .._softmax_scan import count_and_top, exp_shifted, visible_span
 from .._topk_scan import insert_descending
+
+
+@numba.njit(inline="always", fastmath={"contract", "nsz"})
+def _accumulate(weights, scale, acc):  # pragma: no cover - compiled
+    """acc += weights x scale (slices: vectorised)."""
+    for j in range(weights.shape[0]):
+        acc[j] += weights[j] * scale
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
@@ -30,14 +38,11 @@ def h2o_select(logits, acc, heavy, ids, valid, counts):  # pragma: no cover - co
         best_acc = np.empty(heavy, dtype=np.float64)
         best_id = np.empty(heavy, dtype=np.int64)
         weights = np.empty(width, dtype=np.float64)
+        bits = np.empty(width, dtype=np.int64)
         for i in range(rows):
             row = logits[g, i]
-            total = 0
-            top = -np.inf
-            for j in range(width):
-                if row[j] > -np.inf:
-                    total += 1
-                    top = max(top, row[j])
+            lo, hi = visible_span(row)
+            total, top = count_and_top(row[lo:hi])
             counts[g, i] = total
             found = 0
             if total <= k:
@@ -76,11 +81,6 @@ def h2o_select(logits, acc, heavy, ids, valid, counts):  # pragma: no cover - co
                         found += 1
             if total == 0:
                 continue
-            # The row's softmax: one exp per key, kept for the accumulation (the exps are the kernel's main cost).
-            norm = 0.0
-            for j in range(width):
-                weight = np.exp(np.float64(row[j]) - top) if row[j] > -np.inf else 0.0
-                weights[j] = weight
-                norm += weight
-            for j in range(width):
-                acc[g, j] += weights[j] / norm
+            # The row's softmax over its visible span, added to the accumulation (the kernel's main cost).
+            scale = 1.0 / exp_shifted(row, lo, hi, top, weights, bits)
+            _accumulate(weights[lo:hi], scale, acc[g, lo:hi])

@@ -25,6 +25,37 @@ def masked_logits(
     return logits if visible is None else logits.masked_fill_(~visible, float("-inf"))
 
 
+def chunk_logits(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    visible: torch.Tensor,
+    scaling: float,
+    softcap: float | None,
+) -> torch.Tensor:
+    """`masked_logits` of this call, or, where the probe has scored this very chunk for its exact reference (it
+    shares them with `sharing_chunk_logits`), those scores: read-only, and only as wide as the chunk's last query's
+    key (B, Hq, Q, limit <= K), every later key being invisible to every row. Methods whose own rule is an exact
+    softmax over every key (`h2o`, `snapkv`) then do not score every key a second time."""
+    shared = module.__dict__.get("_lmr_chunk_logits")
+    if shared is not None and shared[0] is query and shared[1] is visible:
+        return shared[2]
+    return masked_logits(query, key, visible, scaling, softcap)
+
+
+class sharing_chunk_logits:  # noqa: N801 - used as a `with` statement, like torch.no_grad
+    """While the probe calls a method on a chunk, `chunk_logits` of that (query, visible) pair returns `logits`."""
+
+    def __init__(self, module: torch.nn.Module, query: torch.Tensor, visible: torch.Tensor, logits: torch.Tensor):
+        self.module, self.shared = module, (query, visible, logits)
+
+    def __enter__(self) -> None:
+        self.module.__dict__["_lmr_chunk_logits"] = self.shared
+
+    def __exit__(self, *exc: object) -> None:
+        self.module.__dict__.pop("_lmr_chunk_logits", None)
+
+
 def soft_capped(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
     """`softcap * tanh(scores / softcap)` where the model soft-caps its attention logits (Gemma2), else `scores`."""
     return torch.tanh(scores / softcap).mul_(softcap) if softcap else scores

@@ -38,7 +38,7 @@ from ._cache_common import (
     visible_ranks,
 )
 from .._numba import numba_module
-from .common import attend_valid, masked_logits, module_softcap
+from .common import attend_valid, chunk_logits, masked_logits, module_softcap
 from .contract import approx_args, approx_state, method, report_scanned
 
 
@@ -59,7 +59,7 @@ def h2o(
     heavy = int(topk * float(approx_args(module, h2o)["heavy_ratio"]))
     kernels = numba_module("approx._h2o_scan") if query.device.type == "cpu" else None
     if kernels is not None:
-        logits = masked_logits(query, key, visible, scaling, softcap)
+        logits = chunk_logits(module, query, key, attention_mask, scaling, softcap)  # as wide as keys are seen
         state = approx_state(module)
         _, offset = chunk_offset(state, visible)
         offset = 0 if offset is None else offset
@@ -69,7 +69,7 @@ def h2o(
         valid = torch.empty(batch, q_heads, q_len, k, dtype=torch.bool)
         counts = torch.empty(batch, q_heads, q_len, dtype=torch.int64)
         kernels.h2o_select(
-            logits.reshape(batch * q_heads, q_len, k_len).contiguous().numpy(),
+            logits.reshape(batch * q_heads, q_len, logits.shape[-1]).contiguous().numpy(),
             acc.view(batch * q_heads, k_len).numpy(), min(heavy, k), ids.view(-1, q_len, k).numpy(),
             valid.view(-1, q_len, k).numpy(), counts.view(-1, q_len).numpy(),
         )  # fmt: skip

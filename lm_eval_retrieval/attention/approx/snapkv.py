@@ -41,7 +41,8 @@ from ._cache_common import (
     precise_dtype,
     visible_ranks,
 )
-from .common import attend_valid, masked_logits, module_softcap
+from .._numba import numba_module
+from .common import attend_valid, chunk_logits, masked_logits, module_softcap
 from .contract import approx_args, approx_state, method, report_scanned
 
 
@@ -67,8 +68,14 @@ def snapkv(
         ids, valid = decode_ids(state, visible.expand(batch, q_heads, -1, -1), start, offset)
         report_scanned(module, 0.0)
     else:
-        ids, valid = prompt_ids(state, query, key, visible, scaling, softcap, topk, args, start, offset)
-        report_scanned(module, visible.sum(-1).expand(batch, q_heads, q_len).float())
+        kernels = numba_module("approx._snapkv_scan") if query.device.type == "cpu" else None
+        if kernels is not None:
+            logits = chunk_logits(module, query, key, attention_mask, scaling, softcap)  # as wide as keys are seen
+            ids, valid, counts = prompt_ids_kernel(kernels, state, logits, k_len, visible, topk, args, start, offset)
+        else:
+            ids, valid = prompt_ids(state, query, key, visible, scaling, softcap, topk, args, start, offset)
+            counts = visible.sum(-1).expand(batch, q_heads, q_len)
+        report_scanned(module, counts.float())
     return attend_valid(query, key, value, ids, valid, scaling, softcap), None, ids
 
 
@@ -103,19 +110,70 @@ def prompt_ids(
     width = count.clamp(max=window_size(args, topk)).minimum(available)  # (B, 1|Hq, Q, 1)
     top = available.expand_as(width)
     gather = lambda row: sums.gather(2, row.expand(batch, q_heads, q_len, 1).expand(-1, -1, -1, k_len))  # noqa: E731
-    votes = gather(top) - gather(top - width)
+    votes = (gather(top) - gather(top - width)).clamp_(min=0.0)  # a sum of probabilities, whatever the rounding
     in_window = visible & (from_end <= width)
     prefix = visible & ~in_window
     pooled = pool(torch.where(prefix, votes, 0.0), int(args["kernel"]), str(args["pooling"]))
     composite = torch.where(in_window, float("inf"), torch.where(prefix, pooled, PLACEHOLDER))
     ids, valid = pick(composite, min(topk, k_len))
     keep = window_size(args, topk) - 1
-    state["snapkv_rows"] = (rows[:, :, max(0, rows.shape[2] - keep) :] if keep else rows[:, :, :0], offset)
-    if bool((visible[..., -1, -1]).any()):  # the last row sees the last key: the prompt ends here
-        state["snapkv_selection"] = (ids[:, :, -1], valid[:, :, -1], offset)
-        state["snapkv_prompt_end"] = start + q_len
-        state.pop("snapkv_rows")
+    remember_prompt(state, rows[:, :, max(0, rows.shape[2] - keep) :] if keep else rows[:, :, :0], offset, ids, valid,
+                    visible, start + q_len)  # fmt: skip
     return ids, valid
+
+
+def prompt_ids_kernel(
+    kernels: Any,
+    state: dict[str, Any],
+    logits: torch.Tensor,
+    k_len: int,
+    visible: torch.Tensor,
+    topk: int,
+    args: dict[str, Any],
+    start: int,
+    offset: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`prompt_ids` by the CPU kernel (`_snapkv_scan.py`) from the chunk's masked logits (B, Hq, Q, W <= K): the same
+    rule, one walk down each sequence's rows; also each row's visible key count (B, Hq, Q)."""
+    batch, q_heads, q_len, width = logits.shape
+    kernel = int(args["kernel"])
+    check_pooling(kernel, str(args["pooling"]))
+    earlier = earlier_rows(state, batch, q_heads, offset, k_len, torch.zeros(0, dtype=torch.float64))
+    window = window_size(args, topk)
+    kept = min(window - 1, earlier.shape[2] + q_len)
+    k = min(topk, k_len)
+    ids = torch.empty(batch, q_heads, q_len, k, dtype=torch.int64)
+    valid = torch.empty(batch, q_heads, q_len, k, dtype=torch.bool)
+    counts = torch.empty(batch, q_heads, q_len, dtype=torch.int64)
+    tail = torch.empty(batch, q_heads, kept, width, dtype=torch.float64)
+    groups = batch * q_heads
+    kernels.snapkv_prompt(
+        logits.reshape(groups, q_len, width).contiguous().numpy(),
+        earlier.reshape(groups, earlier.shape[2], k_len).contiguous().numpy(), window,
+        kernel, str(args["pooling"]) == "avg", ids.view(groups, q_len, k).numpy(),
+        valid.view(groups, q_len, k).numpy(), counts.view(groups, q_len).numpy(),
+        tail.view(groups, kept, width).numpy(),
+    )  # fmt: skip
+    remember_prompt(state, F.pad(tail, (0, k_len - width)), offset, ids, valid, visible, start + q_len)
+    return ids, valid, counts
+
+
+def remember_prompt(
+    state: dict[str, Any],
+    rows: torch.Tensor,
+    offset: int,
+    ids: torch.Tensor,
+    valid: torch.Tensor,
+    visible: torch.Tensor,
+    end: int,
+) -> None:
+    """Keep the chunk's last softmax rows for the next chunk's windows or, where the chunk ends the prompt (its last
+    row sees the last key), the selection the decode steps reuse."""
+    state["snapkv_rows"] = (rows, offset)
+    if bool((visible[..., -1, -1]).any()):
+        state["snapkv_selection"] = (ids[:, :, -1], valid[:, :, -1], offset)
+        state["snapkv_prompt_end"] = end
+        state.pop("snapkv_rows")
 
 
 def earlier_rows(
@@ -130,16 +188,21 @@ def earlier_rows(
 
 def pool(votes: torch.Tensor, kernel: int, pooling: str) -> torch.Tensor:
     """1-D pooling of the votes along the keys (stride 1, the key count unchanged)."""
-    if kernel < 1:
-        raise UserInputError(f"approx=snapkv parameter kernel must be >= 1, got {kernel}")
+    check_pooling(kernel, pooling)
     flat = votes.reshape(-1, 1, votes.shape[-1])
     if pooling == "max":
         pooled = F.max_pool1d(flat, kernel, stride=1, padding=kernel // 2)
-    elif pooling == "avg":
-        pooled = F.avg_pool1d(flat, kernel, stride=1, padding=kernel // 2, count_include_pad=True)
     else:
-        raise UserInputError(f"approx=snapkv parameter pooling must be max or avg, got {pooling!r}")
+        pooled = F.avg_pool1d(flat, kernel, stride=1, padding=kernel // 2, count_include_pad=True)
     return pooled[..., : votes.shape[-1]].reshape(votes.shape)
+
+
+def check_pooling(kernel: int, pooling: str) -> None:
+    """One-line errors for pooling parameters no rule can apply."""
+    if kernel < 1:
+        raise UserInputError(f"approx=snapkv parameter kernel must be >= 1, got {kernel}")
+    if pooling not in ("max", "avg"):
+        raise UserInputError(f"approx=snapkv parameter pooling must be max or avg, got {pooling!r}")
 
 
 def decode_ids(

@@ -1,0 +1,20 @@
+"""The kernels' vectorised exp (`_softmax_scan.exp_shifted`) against numpy's, over the whole range a softmax meets."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+softmax_scan = pytest.importorskip("lm_eval_retrieval.attention._softmax_scan")
+
+
+@pytest.mark.parametrize("top", [0.0, 3.5, -20.25])
+def test_exp_matches_numpy_to_a_few_ulps(top: float) -> None:
+    logits = np.concatenate([np.linspace(-760.0, 30.0, 100_003), [-np.inf, top]]).astype(np.float32)
+    got, total = softmax_scan.exp_shifted_array(logits, np.float64(top))
+    shifted = logits.astype(np.float64) - top
+    expected = np.where(shifted > softmax_scan.LOWEST, np.exp(shifted), 0.0)
+    normal = expected > 0
+    assert np.max(np.abs(got[normal] - expected[normal]) / expected[normal]) < 4e-16
+    assert (got[~normal] == 0.0).all()  # below exp(-708) and -inf (an invisible key): exactly nothing
+    assert total == pytest.approx(expected.sum(), rel=1e-14)
