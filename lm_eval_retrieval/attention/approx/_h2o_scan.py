@@ -11,6 +11,7 @@ import numpy as np
 
 from .._softmax_scan import count_and_top, exp_shifted, visible_span
 from .._topk_scan import insert_descending
+from ._pick_scan import fill_invisible, take_ranked, take_recent
 
 
 @numba.njit(inline="always", fastmath={"contract", "nsz"})
@@ -44,22 +45,12 @@ def h2o_select(logits, acc, heavy, ids, valid, counts):  # pragma: no cover - co
             lo, hi = visible_span(row)
             total, top = count_and_top(row[lo:hi])
             counts[g, i] = total
-            found = 0
-            if total <= k:
-                for j in range(width - 1, -1, -1):  # every visible key, most recent first
-                    if row[j] > -np.inf:
-                        ids[g, i, found] = j
-                        valid[g, i, found] = True
-                        found += 1
+            if total <= k:  # every visible key, most recent first
+                found, _ = take_recent(row, total, ids[g, i], valid[g, i], 0)
             else:
                 # The recent window: the last recent_count visible keys, most recent first.
-                j = width - 1
-                while found < recent_count:
-                    if row[j] > -np.inf:
-                        ids[g, i, found] = j
-                        valid[g, i, found] = True
-                        found += 1
-                    j -= 1
+                found, oldest = take_recent(row, recent_count, ids[g, i], valid[g, i], 0)
+                j = oldest - 1
                 # Heavy hitters among the older visible keys: newest first, so an equal acc never displaces
                 # a more recent key; best_* kept sorted by acc descending.
                 held = 0
@@ -67,18 +58,8 @@ def h2o_select(logits, acc, heavy, ids, valid, counts):  # pragma: no cover - co
                     if row[j] > -np.inf and (held < heavy or acc[g, j] > best_acc[held - 1]):
                         held = insert_descending(best_acc, best_id, held, acc[g, j], j)
                     j -= 1
-                for h in range(held):
-                    ids[g, i, found] = best_id[h]
-                    valid[g, i, found] = True
-                    found += 1
-            if found < k:  # placeholders: invisible keys, most recent first
-                for j in range(width - 1, -1, -1):
-                    if found == k:
-                        break
-                    if not row[j] > -np.inf:
-                        ids[g, i, found] = j
-                        valid[g, i, found] = False
-                        found += 1
+                found = take_ranked(best_id, held, ids[g, i], valid[g, i], found)
+            fill_invisible(row, ids[g, i], valid[g, i], found)  # where fewer than k were chosen
             if total == 0:
                 continue
             # The row's softmax over its visible span, added to the accumulation (the kernel's main cost).

@@ -28,3 +28,47 @@ def pick_rows(composite, excluded, ids, valid):  # pragma: no cover - compiled
             valid[r, c] = best[c] >= 0
             if best[c] == excluded:
                 ids[r, c] = ids[r, 0]
+
+
+# Pieces of the eviction methods' kernels (`_h2o_scan.py`, `_snapkv_scan.py`), which write a row's ids in pick's
+# order: the keys always kept, then the ranked ones, then invisible placeholders. Each returns the ids written so far.
+
+
+@numba.njit(inline="always")
+def take_recent(row, count, ids, valid, found):  # pragma: no cover - compiled
+    """The row's `count` most recent visible keys (row: float32 logits, -inf invisible), most recent first, into
+    ids/valid from slot `found`. Returns (ids written, the key before the oldest taken + 1)."""
+    j = row.shape[0] - 1
+    taken = 0
+    while taken < count:
+        if row[j] > -np.inf:
+            ids[found] = j
+            valid[found] = True
+            found += 1
+            taken += 1
+        j -= 1
+    return found, j + 1
+
+
+@numba.njit(inline="always")
+def take_ranked(best_id, held, ids, valid, found):  # pragma: no cover - compiled
+    """The `held` keys of a ranked list (best first) into ids/valid from slot `found`."""
+    for h in range(held):
+        ids[found] = best_id[h]
+        valid[found] = True
+        found += 1
+    return found
+
+
+@numba.njit(inline="always")
+def fill_invisible(row, ids, valid, found):  # pragma: no cover - compiled
+    """The rest of ids (from slot `found`) with the row's invisible keys, most recent first, valid False."""
+    k = ids.shape[0]
+    for j in range(row.shape[0] - 1, -1, -1):
+        if found == k:
+            break
+        if not row[j] > -np.inf:
+            ids[found] = j
+            valid[found] = False
+            found += 1
+    return found

@@ -16,6 +16,7 @@ import numpy as np
 
 from .._softmax_scan import count_and_top, exp_shifted, visible_span
 from .._topk_scan import insert_descending
+from ._pick_scan import fill_invisible, take_ranked, take_recent
 
 
 @numba.njit(inline="always", fastmath={"contract", "nsz", "nnan", "ninf"})
@@ -119,16 +120,9 @@ def snapkv_prompt(logits, earlier, window, kernel, average, ids, valid, counts, 
                 scale = 1.0 / exp_shifted(row, lo, hi, top, probs, bits)
                 _enter(probs[lo:hi], scale, ring[slot, lo:hi], running[lo:hi])
             w = min(visible, window, n + 1)
-            found = 0
-            # The window: the last w visible keys, most recent first; prefix keys end where it starts.
-            j = hi - 1
-            while found < w:
-                if row[j] > -np.inf:
-                    ids[g, i, found] = j
-                    valid[g, i, found] = True
-                    found += 1
-                j -= 1
-            prefix_end = j + 1  # the visible keys in [lo, prefix_end) are the prefix
+            # The window: the last w visible keys, most recent first; the visible keys in [lo, prefix_end) are the
+            # prefix.
+            found, prefix_end = take_recent(row[:hi], w, ids[g, i], valid[g, i], 0)
             wanted = k - found
             if wanted > 0 and prefix_end > lo:
                 first = max(lo - half, 0)
@@ -145,18 +139,8 @@ def snapkv_prompt(logits, earlier, window, kernel, average, ids, valid, counts, 
                 for c in range(prefix_end - 1, lo - 1, -1):  # newest first: an equal vote never displaces a newer key
                     if row[c] > -np.inf and (held < wanted or pooled[c] > best[held - 1]):
                         held = insert_descending(best[:wanted], best_id[:wanted], held, pooled[c], c)
-                for h in range(held):
-                    ids[g, i, found] = best_id[h]
-                    valid[g, i, found] = True
-                    found += 1
-            if found < k:  # placeholders: invisible keys, most recent first
-                for c in range(width - 1, -1, -1):
-                    if found == k:
-                        break
-                    if not row[c] > -np.inf:
-                        ids[g, i, found] = c
-                        valid[g, i, found] = False
-                        found += 1
+                found = take_ranked(best_id, held, ids[g, i], valid[g, i], found)
+            fill_invisible(row, ids[g, i], valid[g, i], found)  # where fewer than k were chosen
         for m in range(kept):
             n = total_rows - kept + m
             slot = n % window
