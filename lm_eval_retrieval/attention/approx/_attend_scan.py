@@ -16,9 +16,12 @@ import numpy as np
 from .._topk_scan import PARTS
 
 
-@numba.njit(inline="always", fastmath={"contract"})
+@numba.njit(inline="always", fastmath={"contract", "reassoc", "nsz"})
 def key_score(r, query, keys, group, j, scaling, softcap):  # pragma: no cover - compiled
-    """The scaled (and soft-capped where softcap > 0) score of query row r against key j of group `group`."""
+    """The scaled (and soft-capped where softcap > 0) score of query row r against key j of group `group`.
+
+    The dot product may add its terms in any order ("reassoc"), as a matmul does: summed strictly left to right, each
+    add waits on the one before, and scoring the picked keys took most of every method's attention pass."""
     s = np.float32(0.0)
     for d in range(query.shape[1]):
         s += query[r, d] * keys[group, j, d]
