@@ -274,12 +274,8 @@ def test_loki_without_a_basis_says_how_to_calibrate() -> None:
 
 @pytest.mark.parametrize("softcap", [None, 2.0])
 @pytest.mark.parametrize("rank", [0, 5])
-@pytest.mark.parametrize(("numba", "q_len"), [(True, Q_LEN), (True, K_LEN), (False, Q_LEN)])  # serial, parallel
-def test_sparq_follows_its_rule(
-    rank: int, softcap: float | None, numba: bool, q_len: int, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    if not numba:  # the tensor rule GPUs run
-        monkeypatch.setattr(sys.modules[sparq.__module__], "numba_module", lambda name: None)
+@pytest.mark.parametrize("q_len", [Q_LEN, K_LEN])
+def test_sparq_follows_its_rule(rank: int, softcap: float | None, q_len: int) -> None:
     query, key, value, mask = make_inputs(8, q_len=q_len)
     mask[1, :, 0] = False  # a row that sees nothing: output 0, no valid id
     module = softcapped(module_with(rank=rank), softcap)

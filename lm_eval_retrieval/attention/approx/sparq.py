@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import torch
 
-from .._numba import numba_module
-from ..kernel_rows import row_kernel
 from ..topk import topk_ids
 from .common import attend_valid, module_softcap, scores_against, soft_capped, weighted_values
 from .contract import approx_args, method, report_scanned
@@ -45,7 +43,11 @@ def sparq(
     softcap = module_softcap(module)
     approx = _approximate_logits(query, key, rank, scaling, softcap).masked_fill_(~visible, NEG_INF)
     k = min(topk, k_len)
-    ids, valid, alpha = _select(approx, k)
+    ids, valid = topk_ids(approx, k)
+    # alpha: the approximate softmax mass of the k keys (a row that sees nothing has no valid id: alpha 0, and its
+    # NaN weights are never read)
+    weights = torch.softmax(approx, dim=-1)
+    alpha = torch.where(valid, weights.gather(-1, ids), 0.0).sum(-1, keepdim=True)
     picked = attend_valid(query, key, value, ids, valid, scaling, softcap)
     seen = visible.sum(-1, keepdim=True).expand(batch, q_heads, q_len, 1)
     mean_value = _visible_value_sum(visible, value, q_heads) / seen.clamp(min=1)
@@ -53,23 +55,6 @@ def sparq(
     output = torch.where(seen > 0, output, 0.0)
     report_scanned(module, seen.squeeze(-1) * (rank / dim) + seen.squeeze(-1).clamp(max=k))
     return output, None, ids
-
-
-def _select(approx: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(ids, valid) of the k best approximate scores, as `topk_ids` gives them, and alpha (B, Hq, Q, 1) float32,
-    their approximate softmax mass (0 on a row that sees nothing); one kernel pass per row on a CPU."""
-    kernels = numba_module("approx._sparq_scan") if approx.device.type == "cpu" else None
-    if kernels is None:
-        ids, valid = topk_ids(approx, k)
-        weights = torch.softmax(approx, dim=-1)  # a row that sees nothing: NaN weights, never read (no valid id)
-        return ids, valid, torch.where(valid, weights.gather(-1, ids), 0.0).sum(-1, keepdim=True)
-    rows = approx.reshape(-1, approx.shape[-1]).contiguous()
-    ids = torch.empty(rows.shape[0], k, dtype=torch.int64)
-    valid = torch.empty(rows.shape[0], k, dtype=torch.bool)
-    alpha = torch.empty(rows.shape[0], dtype=torch.float64)
-    row_kernel(kernels, "sparq_select", rows.shape[0])(rows.numpy(), ids.numpy(), valid.numpy(), alpha.numpy())
-    shape = (*approx.shape[:-1], k)
-    return ids.view(shape), valid.view(shape), alpha.view(*approx.shape[:-1], 1).float()
 
 
 def _visible_value_sum(visible: torch.Tensor, value: torch.Tensor, q_heads: int) -> torch.Tensor:
