@@ -7,6 +7,9 @@ the order of transformers' `repeat_kv`; K/V are never copied per query head.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 from .._numba import numba_module
@@ -43,17 +46,16 @@ def chunk_logits(
     return masked_logits(query, key, visible, scaling, softcap)
 
 
-class sharing_chunk_logits:  # noqa: N801 - used as a `with` statement, like torch.no_grad
+@contextlib.contextmanager
+def sharing_chunk_logits(
+    module: torch.nn.Module, query: torch.Tensor, visible: torch.Tensor, logits: torch.Tensor
+) -> Iterator[None]:
     """While the probe calls a method on a chunk, `chunk_logits` of that (query, visible) pair returns `logits`."""
-
-    def __init__(self, module: torch.nn.Module, query: torch.Tensor, visible: torch.Tensor, logits: torch.Tensor):
-        self.module, self.shared = module, (query, visible, logits)
-
-    def __enter__(self) -> None:
-        self.module.__dict__["_lmr_chunk_logits"] = self.shared
-
-    def __exit__(self, *exc: object) -> None:
-        self.module.__dict__.pop("_lmr_chunk_logits", None)
+    module.__dict__["_lmr_chunk_logits"] = (query, visible, logits)
+    try:
+        yield
+    finally:
+        module.__dict__.pop("_lmr_chunk_logits", None)
 
 
 def soft_capped(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
