@@ -40,22 +40,24 @@ def reference(module, query, key, value, mask, scaling, k, softcap=None):  # typ
 
 @pytest.mark.parametrize("path", ["kernel", "torch"])
 @pytest.mark.parametrize("softcap", [None, 20.0])
+@pytest.mark.parametrize("q_len", [12, 24])  # 144 rows: the kernel on the calling thread; 288: numba's pool
+@pytest.mark.parametrize("bits, k", [(12, 8), (3, 30), (40, 8)])  # 3 bits: ties everywhere, most keys swapped out
 def test_simhash_follows_its_rule(  # type: ignore[no-untyped-def]
-    path: str, softcap: float | None, monkeypatch
+    path: str, softcap: float | None, q_len: int, bits: int, k: int, monkeypatch
 ) -> None:
     if path == "torch":
         monkeypatch.setattr(SIMHASH_MODULE, "_numba_kernel", lambda: None)
     else:
         assert SIMHASH_MODULE._numba_kernel() is not None, "numba is a dependency: the CPU path must use the kernel"
     torch.manual_seed(1)
-    batch, q_heads, kv_heads, q_len, k_len, dim, k = 2, 6, 2, 12, 80, 16, 8
+    batch, q_heads, kv_heads, k_len, dim = 2, 6, 2, 80, 16
     shapes = ((q_heads, q_len), (kv_heads, k_len), (kv_heads, k_len))
     query, key, value = (torch.randn(batch, h, n, dim) for h, n in shapes)
     mask = torch.ones(batch, 1, q_len, k_len, dtype=torch.bool).tril(k_len - q_len)
     mask[1, :, :, :20] = False  # left padding in the second sequence
     mask[0, :, 0, 5:] = False  # a query that sees 5 keys (< k)
     module = torch.nn.Module()
-    module._lmr_layer, module._approx_args = 4, {"bits": 12}
+    module._lmr_layer, module._approx_args = 4, {"bits": bits}
     if softcap:
         module._lmr_softcap = softcap
     output, _, ids = simhash(module, query, key, value, mask, 0.25, k)

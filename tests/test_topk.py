@@ -27,14 +27,16 @@ def _assert_same_set(values, ids, scores, k) -> None:
     finite = values > float("-inf")
     assert torch.equal(scores.gather(-1, ids)[finite], values[finite])
     assert int(ids.min()) >= 0 and int(ids.max()) < scores.shape[-1]
-    for row_ids, row_ok in zip(ids.reshape(-1, k), finite.reshape(-1, k)):  # finite ids are distinct
-        assert len(set(row_ids[row_ok].tolist())) == int(row_ok.sum())
+    for row_ids in ids.reshape(-1, k):  # distinct ids, placeholders too (as torch.topk's: -inf entries)
+        assert len(set(row_ids.tolist())) == k
+    assert torch.equal(scores.gather(-1, ids)[~finite], values[~finite])
 
 
 @pytest.mark.parametrize("width", [5 * BLOCK * 10 + 7, 40 * BLOCK, 700, 33])
 @pytest.mark.parametrize("k", [1, 10])
-def test_row_topk_equals_torch_topk(width: int, k: int) -> None:
-    scores = _scores((2, 9, 40, width), seed=width + k)
+@pytest.mark.parametrize("q_len", [40, 1])  # 2 x 9 x 40 rows: the parallel kernel; 9 rows (a decode step): serial
+def test_row_topk_equals_torch_topk(width: int, k: int, q_len: int) -> None:
+    scores = _scores((2, 9, q_len, width), seed=width + k + q_len)
     values, ids = row_topk(scores, k)
     _assert_same_set(values, ids, scores, k)
 

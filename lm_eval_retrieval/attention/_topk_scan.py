@@ -29,41 +29,102 @@ def insert_descending(best, where, held, value, index):  # pragma: no cover - co
     return min(held + 1, best.shape[0])
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
-def best_blocks_scan(rows, maxima, block, values, indices):  # pragma: no cover - compiled
-    """For each row of `rows` (R, W) with block maxima `maxima` (R, W // block): the k = values.shape[1] largest
-    scores into `values` (largest first) and their column ids into `indices`.
+@numba.njit(inline="always")
+def _max32(row, start, lanes):  # pragma: no cover - compiled
+    """The largest of row[start:start + 32], halving lanes (16 wide) at each step: independent element-wise maxima
+    the compiler turns into vector instructions, where a running maximum waits on itself at every score (4x
+    slower)."""
+    for t in range(16):
+        lanes[t] = max(row[start + t], row[start + 16 + t])
+    for t in range(8):
+        lanes[t] = max(lanes[t], lanes[t + 8])
+    for t in range(4):
+        lanes[t] = max(lanes[t], lanes[t + 4])
+    return max(max(lanes[0], lanes[1]), max(lanes[2], lanes[3]))
 
-    Only the k blocks with the largest maxima (and the last, partial block) are read: every one of the row's k
-    largest scores lies in one of them (see topk.py). A row with fewer than k finite scores keeps -inf placeholders
-    in the last slots.
+
+@numba.njit(inline="always")
+def _best_blocks_row(row, block, best, where, maxima, block_max, block_id, lanes):  # pragma: no cover - compiled
+    """One row's k = best.shape[0] largest scores (largest first) into best / where; maxima, block_max, block_id
+    and lanes are the caller's scratch."""
+    width = row.shape[0]
+    k = best.shape[0]
+    blocks = width // block
+    if block == 32:  # the block maxima as a tree of element-wise maxima, which the compiler vectorises
+        for b in range(blocks):
+            maxima[b] = _max32(row, b * 32, lanes)
+    else:
+        for b in range(blocks):
+            m = row[b * block]
+            for j in range(b * block + 1, (b + 1) * block):
+                m = max(m, row[j])
+            maxima[b] = m
+    for c in range(k):
+        block_max[c] = -np.inf
+        block_id[c] = 0
+    for b in range(blocks):
+        m = maxima[b]
+        if m > block_max[k - 1]:
+            insert_descending(block_max, block_id, k, m, b)
+    for j in range(k):
+        best[j] = -np.inf
+        where[j] = j
+    for c in range(k + 1):
+        if c < k:
+            if block_max[c] == -np.inf:
+                continue
+            start = block_id[c] * block
+            end = start + block
+        else:
+            start, end = blocks * block, width
+        for j in range(start, end):
+            v = row[j]
+            if v > best[k - 1]:
+                insert_descending(best, where, k, v, j)
+    if best[k - 1] == -np.inf:  # fewer than k finite scores: the placeholders name -inf entries, as torch.topk's do
+        c = 0
+        while c < k and best[c] > -np.inf:
+            c += 1
+        for j in range(width):
+            if c == k:
+                break
+            if row[j] == -np.inf:
+                where[c] = j
+                c += 1
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def best_blocks_scan(rows, block, values, indices):  # pragma: no cover - compiled
+    """For each row of `rows` (R, W): the k = values.shape[1] largest scores into `values` (largest first) and their
+    column ids into `indices`.
+
+    Each row's block maxima are taken first (one vectorised pass over the row), then only the k blocks with the
+    largest maxima (and the last, partial block) are read: every one of the row's k largest scores lies in one of
+    them (see topk.py). A row with fewer than k finite scores keeps -inf placeholders in the last slots, naming
+    distinct -inf entries of the row.
     """
     count, width = rows.shape
     k = values.shape[1]
-    blocks = maxima.shape[1]
-    for r in numba.prange(count):
-        best, where, row = values[r], indices[r], rows[r]
-        block_max = np.full(k, -np.inf, dtype=maxima.dtype)
-        block_id = np.zeros(k, dtype=np.int64)
-        for b in range(blocks):
-            m = maxima[r, b]
-            if m > block_max[k - 1]:
-                insert_descending(block_max, block_id, block_max.shape[0], m, b)
-        for j in range(k):
-            best[j] = -np.inf
-            where[j] = j
-        for c in range(k + 1):
-            if c < k:
-                if block_max[c] == -np.inf:
-                    continue
-                start = block_id[c] * block
-                end = start + block
-            else:
-                start, end = blocks * block, width
-            for j in range(start, end):
-                v = row[j]
-                if v > best[k - 1]:
-                    insert_descending(best, where, k, v, j)
+    parts = min(count, PARTS)
+    for p in numba.prange(parts):
+        maxima = np.empty(width // block + 1, dtype=rows.dtype)
+        block_max, block_id = np.empty(k, dtype=rows.dtype), np.empty(k, dtype=np.int64)
+        lanes = np.empty(16, dtype=rows.dtype)
+        for r in range(p * count // parts, (p + 1) * count // parts):
+            _best_blocks_row(rows[r], block, values[r], indices[r], maxima, block_max, block_id, lanes)
+
+
+@numba.njit(cache=True, nogil=True)
+def best_blocks_scan_serial(rows, block, values, indices):  # pragma: no cover - compiled
+    """`best_blocks_scan` on the calling thread: a decode step's few rows cost less than waking numba's pool, and
+    less than the dozen small tensors of the torch rule."""
+    width = rows.shape[1]
+    k = values.shape[1]
+    maxima = np.empty(width // block + 1, dtype=rows.dtype)
+    block_max, block_id = np.empty(k, dtype=rows.dtype), np.empty(k, dtype=np.int64)
+    lanes = np.empty(16, dtype=rows.dtype)
+    for r in range(rows.shape[0]):
+        _best_blocks_row(rows[r], block, values[r], indices[r], maxima, block_max, block_id, lanes)
 
 
 @numba.njit(inline="always", fastmath={"contract"})

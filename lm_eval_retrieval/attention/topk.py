@@ -6,11 +6,13 @@ cost more than the backend's whole attention. Two facts make it cheaper:
 
 * every one of a row's k largest scores lies in one of the k blocks (of BLOCK scores) with the largest maxima: a
   block holding one of them has a maximum at least the k-th largest score, which no other block reaches;
-* block maxima are one vectorised pass (`amax`), so picking the k best blocks reads W / BLOCK numbers, and the
-  top-k is then taken over k x BLOCK scores instead of W.
+* block maxima are one vectorised pass, so picking the k best blocks reads W / BLOCK numbers, and the top-k is
+  then taken over k x BLOCK scores instead of W.
 
-On a CPU this runs as a small numba kernel, parallel over rows (numba compiles it once and caches it on disk);
-without numba, and on GPUs (where `torch.topk` is fast), the same rule runs as torch operations.
+On a CPU this runs as a small numba kernel (compiled once, cached on disk) that takes each row's block maxima and
+its top-k in one visit, while the row is in cache: parallel over the rows of a prefill, on the calling thread for
+a decode step's few rows, where the dozen small tensors of the torch rule cost more than the scores. Without
+numba, and on GPUs (where `torch.topk` is fast), the same rule runs as torch operations.
 Ties may be broken differently from `torch.topk`; every caller treats the ids as a set.
 
 `attend_topk` is what the default approximation (`exact_topk`) does with those ids, for every row at once: the
@@ -20,12 +22,10 @@ torch operations that is a dozen small tensors per chunk; on a CPU one kernel do
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 
 from ._numba import numba_module
-from .kernel_rows import MIN_KERNEL_ROWS, match_torch_threads, row_groups, row_kernel
+from .kernel_rows import row_groups, row_kernel
 
 BLOCK = 32  # scores per block
 MIN_BLOCKS_PER_K = 4  # without numba, rows shorter than BLOCK * MIN_BLOCKS_PER_K * k go to torch.topk directly
@@ -36,11 +36,10 @@ def row_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     first."""
     width = scores.shape[-1]
     blocks = width // BLOCK
-    rows = scores.numel() // max(width, 1)
-    if scores.device.type == "cpu" and scores.dtype == torch.float32 and rows >= MIN_KERNEL_ROWS:
+    if scores.device.type == "cpu" and scores.dtype == torch.float32:
         kernels = _numba_kernels()
         if kernels is not None and 0 < k <= width:
-            return _best_blocks(kernels.best_blocks_scan, scores.contiguous(), k, blocks)
+            return _best_blocks(kernels, scores.contiguous(), k)
     if blocks >= MIN_BLOCKS_PER_K * k > 0:
         return _block_candidates(scores, k, blocks)
     return scores.topk(k, dim=-1)
@@ -55,13 +54,11 @@ def topk_ids(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.where(valid, ids, ids[..., :1]), valid
 
 
-def _best_blocks(kernel: Callable, scores: torch.Tensor, k: int, blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _best_blocks(kernels, scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[no-untyped-def]
     rows = scores.reshape(-1, scores.shape[-1])
-    maxima = rows[:, : blocks * BLOCK].view(rows.shape[0], blocks, BLOCK).amax(-1)
     values = torch.empty(rows.shape[0], k, dtype=scores.dtype)
     indices = torch.empty(rows.shape[0], k, dtype=torch.int64)
-    match_torch_threads()
-    kernel(rows.numpy(), maxima.numpy(), BLOCK, values.numpy(), indices.numpy())
+    row_kernel(kernels, "best_blocks_scan", rows.shape[0])(rows.numpy(), BLOCK, values.numpy(), indices.numpy())
     shape = (*scores.shape[:-1], k)
     return values.view(shape), indices.view(shape)
 

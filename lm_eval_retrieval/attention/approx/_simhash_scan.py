@@ -1,5 +1,5 @@
-"""The numba kernels behind `simhash` on CPUs: codes compared by popcount, the k best keys picked by counting, and
-attention over them, one row at a time, so no (queries x keys) matrix is ever written. Key codes are packed once
+"""The numba kernels behind `simhash` on CPUs: codes compared by popcount, the k best keys picked in one walk back
+from the newest key, and attention over them, one row at a time, so no (queries x keys) matrix is ever written. Key codes are packed once
 per key (`pack_codes`) and kept by the caller for the rest of the sequence.
 
 Compiled on first use and cached beside this file (`cache=True`).
@@ -39,61 +39,97 @@ def pack_codes(projections, codes, start):  # pragma: no cover - compiled
         codes[g // length, start + g % length] = _code(projections[g // length, g % length])
 
 
+@numba.njit(cache=True, nogil=True)
+def pack_codes_serial(projections, codes, start):  # pragma: no cover - compiled
+    """`pack_codes` on the calling thread, for a decode step's one new key per group."""
+    for g in range(projections.shape[0]):
+        for j in range(projections.shape[1]):
+            codes[g, start + j] = _code(projections[g, j])
+
+
+BLOCK = 16  # keys whose distances are computed together before any of them is looked at
+LEVELS = 64  # distances 0..bits (bits <= 62) and one level above them
+
+
 @numba.njit(inline="always")
-def _scratch(key_len, k, value_dim):  # pragma: no cover - compiled
-    """One thread's working memory, reused by every row it takes (an allocation per row cost more than its keys)."""
+def _scratch(k, value_dim):  # pragma: no cover - compiled
+    """One thread's working memory, reused by every row it takes (an allocation per row cost more than its keys):
+    a block's distances; the k kept keys and the stack links between them; the attention's scores and sum; each
+    distance's stack top and size."""
     return (
-        np.empty(key_len, dtype=np.int32), np.empty(key_len + 1, dtype=np.int32), np.empty(k, dtype=np.float32),
-        np.empty(value_dim, dtype=np.float64),
+        np.empty(BLOCK, dtype=np.int32), np.empty(k, dtype=np.int64), np.empty(k, dtype=np.int32),
+        np.empty(k, dtype=np.float32), np.empty(value_dim, dtype=np.float64), np.empty(LEVELS, dtype=np.int32),
+        np.empty(LEVELS, dtype=np.int32),
     )
 
 
 @numba.njit(inline="always", fastmath={"contract"})
 def _attend_row(
     r, query_proj, key_codes, bits, row_group, visible, row_mask, row_end, query, keys, values, scaling, softcap,
-    ids, out, distance, candidates, scores, acc,
+    ids, out, block, slot_key, below, scores, acc, top, held,
 ):  # pragma: no cover - compiled
     k = ids.shape[1]
     key_len = visible.shape[1]
-    far = np.int32(bits + 2)  # the distance an invisible key gets: beyond any level, never taken
-    group, mask, code = row_group[r], visible[row_mask[r]], _code(query_proj[r])
+    far = np.int32(64)  # added to an invisible key's distance: beyond any level, never taken
+    group, mask, code = row_group[r], visible[row_mask[r]].view(np.uint8), _code(query_proj[r])
     end, codes = row_end[row_mask[r]], key_codes[group]
-    for j in range(end):
-        distance[j] = np.int32(_popcount(code ^ codes[j])) if mask[j] else far
-    # The cut: every key closer than `level` is taken, and the most recent `room` keys at `level`. The level is
-    # found by counting the keys within each distance in turn: branch-free passes the compiler vectorises, which
-    # beat one histogram (whose increments of one bin wait on each other) for the few levels k needs.
-    taken, level = 0, 0
-    while level <= bits:
-        within = np.int32(0)
-        for j in range(end):
-            within -= (distance[j] - level - 1) >> 31  # -1 where distance <= level
-        if within >= k:
-            break
-        taken = within
-        level += 1
-    room = k - taken
-    # The keys within `level`, oldest first, gathered without a branch (each key is written, the count moves only
-    # past a key within); then walked newest first, so ties at the cut go to the more recent keys.
-    count = 0
-    for j in range(end):
-        candidates[count] = j
-        count -= (distance[j] - level - 1) >> 31
-    found = 0
-    for c in range(count - 1, -1, -1):
-        j = candidates[c]
-        if distance[j] < level or room > 0:
-            if distance[j] == level:
-                room -= 1
-            ids[r, found] = j
-            found += 1
-            if found == k:
-                break
-    chosen = found
+    # One walk from the newest key back: the k best so far sit in `slot_key`, threaded per distance into stacks
+    # (`top[d]` the slot last pushed at distance d, `below` the one pushed before it). Walking newest first, the
+    # last key pushed at the worst distance is the oldest one there: the one to give up for a closer key, so ties
+    # go to the more recent keys. Distances are computed a block at a time, and a block none of whose keys beats
+    # the worst kept distance (the usual case once k keys are held) is passed over without a branch per key.
+    for d in range(bits + 2):
+        top[d], held[d] = -1, 0
+    filled, worst = 0, np.int32(bits + 1)  # worst: a key is taken only if strictly closer (or fewer than k held)
+    hi = end
+    while hi > 0:
+        lo = max(0, hi - BLOCK)
+        span = hi - lo
+        best = far
+        for t in range(span):
+            j = lo + t
+            dist = np.int32(_popcount(code ^ codes[j])) + (np.int32(1) - np.int32(mask[j])) * far
+            block[t] = dist
+            best = min(best, dist)
+        if best < worst or (filled < k and best < far):
+            for t in range(span - 1, -1, -1):
+                dist = block[t]
+                if dist >= far:
+                    continue
+                if filled < k:
+                    slot = filled
+                    filled += 1
+                elif dist < worst:
+                    slot = top[worst]
+                    top[worst] = below[slot]
+                    held[worst] -= 1
+                else:
+                    continue
+                slot_key[slot] = lo + t
+                below[slot] = top[dist]
+                top[dist] = slot
+                held[dist] += 1
+                if filled == k:
+                    worst = np.int32(bits + 1)
+                    while held[worst] == 0:
+                        worst -= 1
+        hi = lo
+    # Newest first, as the keys were met.
+    chosen = filled
+    for a in range(1, chosen):
+        key = slot_key[a]
+        b = a - 1
+        while b >= 0 and slot_key[b] < key:
+            slot_key[b + 1] = slot_key[b]
+            b -= 1
+        slot_key[b + 1] = key
+    for c in range(chosen):
+        ids[r, c] = slot_key[c]
+    found = chosen
     for j in range(key_len):  # fewer than k visible keys: invisible placeholders
         if found == k:
             break
-        if not mask[j]:
+        if not visible[row_mask[r], j]:
             ids[r, found] = j
             found += 1
     attend_picked_row(r, query, keys, values, group, ids[r], chosen, scaling, softcap, scores, acc, out)
@@ -117,11 +153,11 @@ def simhash_attend(
     rows = ids.shape[0]
     parts = min(rows, PARTS)
     for p in numba.prange(parts):
-        distance, candidates, scores, acc = _scratch(visible.shape[1], ids.shape[1], values.shape[2])
+        block, slot_key, below, scores, acc, top, held = _scratch(ids.shape[1], values.shape[2])
         for r in range(p * rows // parts, (p + 1) * rows // parts):
             _attend_row(
                 r, query_proj, key_codes, bits, row_group, visible, row_mask, row_end, query, keys, values, scaling,
-                softcap, ids, out, distance, candidates, scores, acc,
+                softcap, ids, out, block, slot_key, below, scores, acc, top, held,
             )  # fmt: skip
 
 
@@ -131,12 +167,24 @@ def simhash_attend_serial(
     out,
 ):  # pragma: no cover - compiled
     """`simhash_attend` on the calling thread: a decode step's few rows cost less than waking numba's pool."""
-    distance, candidates, scores, acc = _scratch(visible.shape[1], ids.shape[1], values.shape[2])
+    block, slot_key, below, scores, acc, top, held = _scratch(ids.shape[1], values.shape[2])
     for r in range(ids.shape[0]):
         _attend_row(
             r, query_proj, key_codes, bits, row_group, visible, row_mask, row_end, query, keys, values, scaling,
-            softcap, ids, out, distance, candidates, scores, acc,
+            softcap, ids, out, block, slot_key, below, scores, acc, top, held,
         )  # fmt: skip
+
+
+@numba.njit(inline="always")
+def _row_extent(visible, counts, ends, m):  # pragma: no cover - compiled
+    row = visible[m]
+    end = row.shape[0]
+    while end > 0 and not row[end - 1]:
+        end -= 1
+    count = 0
+    for j in range(end):
+        count += row[j]
+    counts[m], ends[m] = count, end
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
@@ -144,11 +192,11 @@ def row_extents(visible, counts, ends):  # pragma: no cover - compiled
     """For each mask row m of visible (M, K) bool: counts[m], its visible keys; ends[m], one past its last one (0
     if none). Torch would convert the whole mask to integers for each."""
     for m in numba.prange(visible.shape[0]):
-        row = visible[m]
-        end = row.shape[0]
-        while end > 0 and not row[end - 1]:
-            end -= 1
-        count = 0
-        for j in range(end):
-            count += row[j]
-        counts[m], ends[m] = count, end
+        _row_extent(visible, counts, ends, m)
+
+
+@numba.njit(cache=True, nogil=True)
+def row_extents_serial(visible, counts, ends):  # pragma: no cover - compiled
+    """`row_extents` on the calling thread, for a decode step's mask row."""
+    for m in range(visible.shape[0]):
+        _row_extent(visible, counts, ends, m)

@@ -8,8 +8,8 @@ Recall is below 1 wherever the code disagrees with the true scores, which is wha
 recall table and heatmaps are there to show.
 
 On a CPU the codes are packed into integers (bits <= 62) and compared by popcount in a numba kernel
-(`_simhash_scan.py`) that picks each query's keys by counting and attends over them, never writing a (queries x keys)
-matrix; the keys' codes are packed once per sequence and extended at each decode step. Elsewhere the
+(`_simhash_scan.py`) that picks each query's keys in one walk back from its newest key and attends over them, never
+writing a (queries x keys) matrix; the keys' codes are packed once per sequence and extended at each decode step. Elsewhere the
 same rule runs as torch operations (agreement = bits - 2 x Hamming distance, plus a recency fraction below one bit).
 """
 
@@ -100,7 +100,7 @@ def _simhash_kernel(  # type: ignore[no-untyped-def]
     mask = attention_mask.expand(batch, mask_heads, q_len, k_len).reshape(-1, k_len).contiguous()
     row_group, row_mask = row_groups(batch, q_heads, kv_heads, q_len), mask_rows(batch, q_heads, q_len, mask_heads)
     counts, row_end = torch.empty(mask.shape[0], dtype=torch.int64), torch.empty(mask.shape[0], dtype=torch.int64)
-    kernels.row_extents(mask.numpy(), counts.numpy(), row_end.numpy())
+    row_kernel(kernels, "row_extents", mask.shape[0])(mask.numpy(), counts.numpy(), row_end.numpy())
     counts = counts.view(batch, mask_heads, q_len)
     _report_cost(module, counts.float(), (batch, q_heads, q_len), planes.shape[1], dim, k)
     rows = batch * q_heads * q_len
@@ -142,7 +142,8 @@ def _key_codes(kernels, module: torch.nn.Module, key: torch.Tensor, planes: torc
     if known:
         fresh[:, :known] = codes[:, :known]
     projections = (groups[:, known:].float() @ planes).contiguous()
-    kernels.pack_codes(projections.numpy(), fresh.numpy(), known)
+    pack = row_kernel(kernels, "pack_codes", projections.shape[0] * projections.shape[1])
+    pack(projections.numpy(), fresh.numpy(), known)
     state["simhash_codes"] = (fresh, (groups[:, 0].clone(), groups[:, -1].clone()), planes)
     return fresh
 
