@@ -87,3 +87,29 @@ def test_attend_topk_equals_the_definition(q_len: int, numba: bool, monkeypatch:
                 torch.testing.assert_close(mass[b, h, q].double(), held, rtol=1e-5, atol=1e-7)
                 rel = (expected - reference).norm() / reference.norm()
                 torch.testing.assert_close(error[b, h, q].double(), rel, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("numba", [True, False])
+@pytest.mark.parametrize("heads, size", [(9, 40), (2, 3)])  # 720 rows: numba's pool; 6 rows: the calling thread
+def test_row_topk_stops_at_each_causal_rows_own_key(heads: int, size: int, numba: bool, monkeypatch) -> None:
+    """A causal chunk's row i sees columns up to first + i: the later ones must never be picked, whatever they hold
+    (the probe leaves them unmasked for the CPU kernel)."""
+    if not numba:
+        monkeypatch.setattr(topk_module, "_numba_kernels", lambda: None)
+    width, k = 300, 10
+    first = width - size
+    torch.manual_seed(size)
+    scores = torch.randn(2, heads, size, width)
+    future = torch.arange(width)[None, :] > (first + torch.arange(size))[:, None]
+    masked = scores.masked_fill(future, float("-inf"))
+    scores.masked_fill_(future, 50.0)  # future keys that would win if they were read
+    values, ids = row_topk(scores.clone(), k, causal_first=first)
+    _assert_same_set(values, ids, masked, k)
+    short = torch.randn(1, heads, size, 4 * BLOCK + 5)  # rows that see fewer than k keys at the chunk's start
+    first = short.shape[-1] - size
+    seen = short.masked_fill(torch.arange(short.shape[-1])[None, :] > (first + torch.arange(size))[:, None], -1e9)
+    values, ids = row_topk(short.clone(), first + size, causal_first=first)
+    expected = seen.topk(first + size, dim=-1).values
+    finite = values > float("-inf")
+    torch.testing.assert_close(values[finite], expected[finite], rtol=0, atol=0)
+    assert bool((finite.sum(-1) == (first + 1 + torch.arange(size))).all())

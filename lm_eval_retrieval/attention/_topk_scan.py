@@ -44,10 +44,10 @@ def _max32(row, start, lanes):  # pragma: no cover - compiled
 
 
 @numba.njit(inline="always")
-def _best_blocks_row(row, block, best, where, maxima, block_max, block_id, lanes):  # pragma: no cover - compiled
-    """One row's k = best.shape[0] largest scores (largest first) into best / where; maxima, block_max, block_id
-    and lanes are the caller's scratch."""
-    width = row.shape[0]
+def _best_blocks_row(row, row_end, block, best, where, maxima, block_max, block_id, lanes):  # pragma: no cover
+    """One row's k = best.shape[0] largest scores among row[:row_end] (largest first) into best / where; maxima,
+    block_max, block_id and lanes are the caller's scratch."""
+    width = row_end
     k = best.shape[0]
     blocks = width // block
     if block == 32:  # the block maxima as a tree of element-wise maxima, which the compiler vectorises
@@ -85,23 +85,24 @@ def _best_blocks_row(row, block, best, where, maxima, block_max, block_id, lanes
         c = 0
         while c < k and best[c] > -np.inf:
             c += 1
-        for j in range(width):
+        for j in range(row.shape[0]):
             if c == k:
                 break
-            if row[j] == -np.inf:
+            if j >= row_end or row[j] == -np.inf:
                 where[c] = j
                 c += 1
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def best_blocks_scan(rows, block, values, indices):  # pragma: no cover - compiled
-    """For each row of `rows` (R, W): the k = values.shape[1] largest scores into `values` (largest first) and their
-    column ids into `indices`.
+def best_blocks_scan(rows, ends, block, values, indices):  # pragma: no cover - compiled
+    """For each row r of `rows` (R, W): the k = values.shape[1] largest scores among rows[r, :ends[r]] into `values`
+    (largest first) and their column ids into `indices`; the scores from ends[r] on count as -inf and are never
+    read (a causal chunk's future keys need no mask).
 
     Each row's block maxima are taken first (one vectorised pass over the row), then only the k blocks with the
     largest maxima (and the last, partial block) are read: every one of the row's k largest scores lies in one of
     them (see topk.py). A row with fewer than k finite scores keeps -inf placeholders in the last slots, naming
-    distinct -inf entries of the row.
+    distinct -inf entries of the row (or columns from ends[r] on).
     """
     count, width = rows.shape
     k = values.shape[1]
@@ -111,11 +112,11 @@ def best_blocks_scan(rows, block, values, indices):  # pragma: no cover - compil
         block_max, block_id = np.empty(k, dtype=rows.dtype), np.empty(k, dtype=np.int64)
         lanes = np.empty(16, dtype=rows.dtype)
         for r in range(p * count // parts, (p + 1) * count // parts):
-            _best_blocks_row(rows[r], block, values[r], indices[r], maxima, block_max, block_id, lanes)
+            _best_blocks_row(rows[r], ends[r], block, values[r], indices[r], maxima, block_max, block_id, lanes)
 
 
 @numba.njit(cache=True, nogil=True)
-def best_blocks_scan_serial(rows, block, values, indices):  # pragma: no cover - compiled
+def best_blocks_scan_serial(rows, ends, block, values, indices):  # pragma: no cover - compiled
     """`best_blocks_scan` on the calling thread: a decode step's few rows cost less than waking numba's pool, and
     less than the dozen small tensors of the torch rule."""
     width = rows.shape[1]
@@ -124,7 +125,7 @@ def best_blocks_scan_serial(rows, block, values, indices):  # pragma: no cover -
     block_max, block_id = np.empty(k, dtype=rows.dtype), np.empty(k, dtype=np.int64)
     lanes = np.empty(16, dtype=rows.dtype)
     for r in range(rows.shape[0]):
-        _best_blocks_row(rows[r], block, values[r], indices[r], maxima, block_max, block_id, lanes)
+        _best_blocks_row(rows[r], ends[r], block, values[r], indices[r], maxima, block_max, block_id, lanes)
 
 
 @numba.njit(inline="always", fastmath={"contract"})

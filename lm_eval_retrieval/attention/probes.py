@@ -12,7 +12,7 @@ from .approx.exact_topk import exact_topk
 from .budget import Budget, parse_budget
 from .hook import AttentionCall, cpu_attention_with_lse
 from .set_metrics import id_set_metrics
-from .topk import attend_topk, row_topk
+from .topk import attend_topk, mask_future, row_topk
 
 MASS_CURVE_K = [2**i for i in range(11)]  # 1 .. 1024
 NEG_INF = float("-inf")
@@ -243,7 +243,6 @@ class ApproxProbe:
         # (layers, 1 + fields, heads) sums and (layers, 1 + curve points) curve sums, on the device of the calls.
         self._device_sums: torch.Tensor | None = None
         self._device_curve: torch.Tensor | None = None
-        self._future: dict[tuple[int, torch.device], torch.Tensor] = {}
         self._range_checked: set[int] = set()
         self._scores: torch.Tensor | None = None  # one flat buffer every chunk's scores are written into
         self._exact_heads: dict[int, list[int]] = {}  # layer -> heads kept on exact attention (hybrid runs)
@@ -374,13 +373,6 @@ class ApproxProbe:
                 runs.append((start + offset, start + offset + 1, k))
         return runs
 
-    def _future_mask(self, size: int, device: torch.device) -> torch.Tensor:
-        """Bool (size, size), True above the diagonal: the keys after each query inside a causal chunk's own block."""
-        key = (size, device)
-        if key not in self._future:
-            self._future[key] = torch.ones(size, size, dtype=torch.bool, device=device).triu(1)
-        return self._future[key]
-
     def _analyse_chunk(
         self,
         call: AttentionCall,
@@ -420,8 +412,10 @@ class ApproxProbe:
             if counted is False:
                 return exact_out  # nothing to count (too few keys); the exact output stands
             logits = self._chunk_logits(query, key_t, limit, call.scaling, softcap)
-            if size > 1:
-                logits[..., first_own:].masked_fill_(self._future_mask(size, logits.device), NEG_INF)
+            # The chunk's own block holds each query's future keys. They are set to -inf only where something reads
+            # them (`future_masked`): the CPU top-k stops at each row's own key, and masking a block of size x size
+            # per head cost about as much as the top-k itself.
+            future = first_own if size > 1 else None
             real = attend = None
         else:
             visible = visible_mask(call, start, end)
@@ -432,12 +426,21 @@ class ApproxProbe:
             denominator = visible_count.clamp(max=k).clamp(min=1)
             logits = self._chunk_logits(query, key_t, limit, call.scaling, softcap)
             logits.masked_fill_(~attend[..., :limit], NEG_INF)
+            future = None
+
+        def future_masked() -> torch.Tensor:
+            nonlocal future
+            if future is not None:
+                mask_future(logits, future)
+                future = None
+            return logits
+
         if lse is None:
-            lse = torch.logsumexp(logits, dim=-1)  # -inf on a row that sees nothing, never counted
+            lse = torch.logsumexp(future_masked(), dim=-1)  # -inf on a row that sees nothing, never counted
         lse = lse.unsqueeze(-1)
         keys_seen = visible_count if isinstance(visible_count, int) else visible_count.clamp(min=1)
 
-        exact_scores, exact_ids = row_topk(logits, k)
+        exact_scores, exact_ids = row_topk(logits, k, causal_first=future)  # masks them itself off the CPU kernel
         exact_ok = exact_scores > NEG_INF  # fewer than k visible keys: the rest are placeholders
         approx_fn = getattr(call.module._approx_attn, "__func__", None)
         if approx_fn is exact_topk:  # the default: its ids are the exact ids, no need to score every key twice
@@ -450,7 +453,7 @@ class ApproxProbe:
             if attend is None:
                 attend = visible_mask(call, start, end)
             take_scanned(call.module)  # nothing left over from a call that was not analysed
-            with sharing_chunk_logits(call.module, query, attend, logits):
+            with sharing_chunk_logits(call.module, query, attend, future_masked):
                 approx_out, _, approx_ids = call.module._approx_attn(query, key, value, attend, call.scaling, k)
             reported = take_scanned(call.module)
             self._check_approx(call.layer, query, call.value, approx_out, approx_ids, k_len, k)
@@ -482,7 +485,7 @@ class ApproxProbe:
             sums[0] += counted.sum(dim=(0, 2))
             # where(), not a product with the count mask: a padding row's output may be NaN.
             sums[1:] += torch.where(counted, values, 0.0).sum(dim=(1, 3))
-        self._add_mass_curve(call.layer, logits, lse, counted, k_len - q_len + start)
+        self._add_mass_curve(call.layer, logits, lse, counted, k_len - q_len + start, future)
         if real is not None:
             approx_out = torch.where(real[..., None], approx_out, exact_out)
         return approx_out
@@ -495,17 +498,29 @@ class ApproxProbe:
         return soft_capped(logits, softcap)
 
     def _add_mass_curve(
-        self, layer: int, logits: torch.Tensor, lse: torch.Tensor, counted: torch.Tensor | bool, first_position: int
+        self,
+        layer: int,
+        logits: torch.Tensor,
+        lse: torch.Tensor,
+        counted: torch.Tensor | bool,
+        first_position: int,
+        future: int | None = None,
     ) -> None:
         """Mass held by the top 1, 2, 4 ... 1024 keys, on queries at every `curve_stride`-th position (sorting is the
-        costly part, so it is sampled by absolute position: a decode step is sampled as its prefill row would be)."""
+        costly part, so it is sampled by absolute position: a decode step is sampled as its prefill row would be).
+        `future`: the chunk's future keys are not masked yet, and row i sees keys up to future + i."""
         size = logits.shape[2]
         offset = (-first_position) % self.curve_stride
         if offset >= size:
             return
         rows = slice(offset, size, self.curve_stride)
         width = logits.shape[-1]
-        top = logits[:, :, rows].topk(min(MASS_CURVE_K[-1], width), dim=-1).values
+        sampled = logits[:, :, rows]
+        if future is not None:
+            own = torch.arange(offset, size, self.curve_stride, device=logits.device) + future
+            later = torch.arange(width, device=logits.device)[None, :] > own[:, None]
+            sampled = sampled.masked_fill(later, NEG_INF)
+        top = sampled.topk(min(MASS_CURVE_K[-1], width), dim=-1).values
         top = (top - lse[:, :, rows]).exp_().cumsum(-1)
         curve = top[..., [min(p, width) - 1 for p in MASS_CURVE_K]]
         if counted is True:

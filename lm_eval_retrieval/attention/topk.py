@@ -22,6 +22,9 @@ torch operations that is a dozen small tensors per chunk; on a CPU one kernel do
 
 from __future__ import annotations
 
+import functools
+
+import numpy as np
 import torch
 
 from ._numba import numba_module
@@ -31,15 +34,21 @@ BLOCK = 32  # scores per block
 MIN_BLOCKS_PER_K = 4  # without numba, rows shorter than BLOCK * MIN_BLOCKS_PER_K * k go to torch.topk directly
 
 
-def row_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def row_topk(scores: torch.Tensor, k: int, causal_first: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(values, indices) of the k largest entries of each row of `scores` (last dimension, at least k wide), largest
-    first."""
+    first.
+
+    `causal_first`: row i (along the second-last dimension) sees only columns up to causal_first + i, as a causal
+    chunk's queries do; the later columns count as -inf. The CPU kernel never reads them; elsewhere they are set to
+    -inf in `scores` itself first."""
     width = scores.shape[-1]
     blocks = width // BLOCK
     if scores.device.type == "cpu" and scores.dtype == torch.float32:
         kernels = _numba_kernels()
         if kernels is not None and 0 < k <= width:
-            return _best_blocks(kernels, scores.contiguous(), k)
+            return _best_blocks(kernels, scores.contiguous(), k, causal_first)
+    if causal_first is not None:
+        mask_future(scores, causal_first)
     if blocks >= MIN_BLOCKS_PER_K * k > 0:
         return _block_candidates(scores, k, blocks)
     return scores.topk(k, dim=-1)
@@ -54,13 +63,41 @@ def topk_ids(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.where(valid, ids, ids[..., :1]), valid
 
 
-def _best_blocks(kernels, scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[no-untyped-def]
-    rows = scores.reshape(-1, scores.shape[-1])
+def mask_future(scores: torch.Tensor, causal_first: int) -> torch.Tensor:
+    """`scores` (..., C, W) with column j of row i set to -inf where j > causal_first + i (in place)."""
+    size, width = scores.shape[-2], scores.shape[-1]
+    if causal_first + size > width:
+        raise ValueError(f"row {size - 1} would see column {causal_first + size - 1} of {width}")
+    if size > 1:
+        scores[..., causal_first : causal_first + size].masked_fill_(_upper(size, scores.device), float("-inf"))
+    scores[..., causal_first + size:] = float("-inf")
+    return scores
+
+
+def _best_blocks(kernels, scores: torch.Tensor, k: int, causal_first: int | None) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[no-untyped-def]
+    size, width = scores.shape[-2], scores.shape[-1]
+    rows = scores.reshape(-1, width)
+    ends = _row_ends(rows.shape[0] // size, size, width, causal_first)
     values = torch.empty(rows.shape[0], k, dtype=scores.dtype)
     indices = torch.empty(rows.shape[0], k, dtype=torch.int64)
-    row_kernel(kernels, "best_blocks_scan", rows.shape[0])(rows.numpy(), BLOCK, values.numpy(), indices.numpy())
+    row_kernel(kernels, "best_blocks_scan", rows.shape[0])(rows.numpy(), ends, BLOCK, values.numpy(), indices.numpy())
     shape = (*scores.shape[:-1], k)
     return values.view(shape), indices.view(shape)
+
+
+@functools.lru_cache(maxsize=16)
+def _upper(size: int, device: torch.device) -> torch.Tensor:
+    """Bool (size, size), True above the diagonal: the keys after each query inside a causal chunk's own block."""
+    return torch.ones(size, size, dtype=torch.bool, device=device).triu_(1)
+
+
+@functools.lru_cache(maxsize=64)
+def _row_ends(groups: int, size: int, width: int, causal_first: int | None) -> np.ndarray:
+    """One past the last column each row reads: causal_first + 1 + its index within its chunk of `size`, or the
+    whole width. Shapes only, so every layer reuses it."""
+    if causal_first is None:
+        return np.full(groups * size, width, dtype=np.int64)
+    return np.tile(np.arange(causal_first + 1, causal_first + size + 1, dtype=np.int64), groups)
 
 
 def _block_candidates(scores: torch.Tensor, k: int, blocks: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,7 +8,7 @@ the order of transformers' `repeat_kv`; K/V are never copied per query head.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -42,15 +42,16 @@ def chunk_logits(
     softmax over every key (`h2o`, `snapkv`) then do not score every key a second time."""
     shared = module.__dict__.get("_lmr_chunk_logits")
     if shared is not None and shared[0] is query and shared[1] is visible:
-        return shared[2]
+        return shared[2]()
     return masked_logits(query, key, visible, scaling, softcap)
 
 
 @contextlib.contextmanager
 def sharing_chunk_logits(
-    module: torch.nn.Module, query: torch.Tensor, visible: torch.Tensor, logits: torch.Tensor
+    module: torch.nn.Module, query: torch.Tensor, visible: torch.Tensor, logits: Callable[[], torch.Tensor]
 ) -> Iterator[None]:
-    """While the probe calls a method on a chunk, `chunk_logits` of that (query, visible) pair returns `logits`."""
+    """While the probe calls a method on a chunk, `chunk_logits` of that (query, visible) pair returns `logits()`
+    (a callable, so that the probe's scores are masked only if a method reads them)."""
     module.__dict__["_lmr_chunk_logits"] = (query, visible, logits)
     try:
         yield
