@@ -113,3 +113,33 @@ def test_row_topk_stops_at_each_causal_rows_own_key(heads: int, size: int, numba
     finite = values > float("-inf")
     torch.testing.assert_close(values[finite], expected[finite], rtol=0, atol=0)
     assert bool((finite.sum(-1) == (first + 1 + torch.arange(size))).all())
+
+
+def test_exact_step_equals_the_definition() -> None:
+    """A decode step of exact_topk in one kernel: the output over each query's top-k and the statistics it adds,
+    against float64 from the definition (one query per head, two sequences, grouped heads)."""
+    torch.manual_seed(7)
+    batch, q_heads, kv_heads, width, dim, k = 2, 9, 3, 300, 16, 10
+    scores = torch.randn(batch, q_heads, 1, width) * 2
+    value = torch.randn(batch, kv_heads, width, dim)
+    exact = torch.randn(batch, q_heads, 1, dim)
+    lse = torch.logsumexp(scores, dim=-1)
+    sums = torch.zeros(7, q_heads, dtype=torch.float64)
+    sums[:, 0] = 5.0  # earlier steps' sums are added to, not replaced
+    output = topk_module.exact_step(scores, k, value, exact, lse, sums, k / width)
+    expected_sums = torch.zeros(7, q_heads, dtype=torch.float64)
+    expected_sums[:, 0] = 5.0
+    group = q_heads // kv_heads
+    for b in range(batch):
+        for h in range(q_heads):
+            row = scores[b, h, 0].double()
+            chosen = row.argsort(descending=True)[:k]
+            expected = torch.softmax(row[chosen], dim=0) @ value[b, h // group, chosen].double()
+            torch.testing.assert_close(output[b, h, 0].double(), expected, rtol=1e-5, atol=1e-6)
+            held = (row[chosen] - torch.logsumexp(row, dim=0)).exp().sum()
+            error = (expected - exact[b, h, 0].double()).norm() / exact[b, h, 0].double().norm()
+            expected_sums[:, h] += torch.stack(
+                [torch.tensor(1.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64), error, held, held,
+                 torch.tensor(k / width, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64)]
+            )  # fmt: skip
+    torch.testing.assert_close(sums, expected_sums, rtol=1e-5, atol=1e-6)

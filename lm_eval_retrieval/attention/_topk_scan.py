@@ -178,3 +178,32 @@ def attend_topk_serial(scores, ids, row_group, values, exact, lse, out, error, m
     """`attend_topk` on the calling thread: a decode step's few rows cost less than waking numba's pool."""
     for r in range(scores.shape[0]):
         _attend_row(r, scores, ids, row_group, values, exact, lse, out, error, mass)
+
+
+@numba.njit(cache=True, nogil=True)
+def exact_step(rows, k, row_group, values, exact, lse, out, sums, heads, attended):  # pragma: no cover - compiled
+    """A decode step of `exact_topk`, whole, on the calling thread: per row (one query of one head, rows in (batch,
+    head) order) the exact top-k of rows (R, W), the softmax attention over it into out (R, D), and its statistics
+    added to sums (1 + 6, heads) at the row's head: the count, then recall, error norm, exact and approximate mass
+    (the same keys), attended (`attended`, the k of every visible key) and scanned (1: every key scored). As torch
+    operations those are a few dozen small tensors per layer and step, which cost more than the arithmetic."""
+    count, width = rows.shape
+    maxima = np.empty(width // 32 + 1, dtype=rows.dtype)
+    block_max, block_id = np.empty(k, dtype=rows.dtype), np.empty(k, dtype=np.int64)
+    lanes = np.empty(16, dtype=rows.dtype)
+    scores, ids = np.empty((count, k), dtype=rows.dtype), np.empty((count, k), dtype=np.int64)
+    error, mass = np.empty(count, dtype=np.float32), np.empty(count, dtype=np.float32)
+    for r in range(count):
+        _best_blocks_row(rows[r], width, 32, scores[r], ids[r], maxima, block_max, block_id, lanes)
+        _attend_row(r, scores, ids, row_group, values, exact, lse, out, error, mass)
+        found = 0
+        for j in range(k):
+            found += scores[r, j] > -np.inf
+        h = r % heads
+        sums[0, h] += 1.0
+        sums[1, h] += found / k
+        sums[2, h] += error[r]
+        sums[3, h] += mass[r]
+        sums[4, h] += mass[r]
+        sums[5, h] += attended
+        sums[6, h] += 1.0

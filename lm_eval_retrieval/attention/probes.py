@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import math
+
 import torch
 
 from ..errors import UserInputError
@@ -12,7 +14,7 @@ from .approx.exact_topk import exact_topk
 from .budget import Budget, parse_budget
 from .hook import AttentionCall, cpu_attention_with_lse
 from .set_metrics import id_set_metrics
-from .topk import attend_topk, mask_future, row_topk
+from .topk import attend_topk, exact_step, mask_future, row_topk
 
 MASS_CURVE_K = [2**i for i in range(11)]  # 1 .. 1024
 NEG_INF = float("-inf")
@@ -28,13 +30,19 @@ def visible_mask(call: AttentionCall, q_start: int, q_end: int) -> torch.Tensor:
     q_len, k_len = call.query.shape[2], call.key.shape[2]
     mask = call.attention_mask
     if mask is None:
-        rows = torch.arange(q_start, q_end, device=call.key.device)[:, None] + (k_len - q_len)
-        cols = torch.arange(k_len, device=call.key.device)[None, :]
-        return (cols <= rows)[None, None]
+        return _causal_mask(q_start + k_len - q_len, q_end - q_start, k_len, call.key.device)
     mask = mask[..., -q_len:, -k_len:][..., q_start:q_end, :]
     if mask.dtype != torch.bool:
         mask = mask > torch.finfo(mask.dtype).min / 2
     return mask
+
+
+@functools.lru_cache(maxsize=4)
+def _causal_mask(first: int, size: int, k_len: int, device: torch.device) -> torch.Tensor:
+    """Bool (1, 1, size, k_len): query i sees keys 0..first + i. Every layer of a forward (and of a decode step)
+    asks for the same one, so it is built once and shared: read-only, like every mask an approximation gets."""
+    rows = torch.arange(first, first + size, device=device)[:, None]
+    return (torch.arange(k_len, device=device)[None, :] <= rows)[None, None]
 
 
 def real_queries(visible: torch.Tensor, q_start: int, q_len: int) -> torch.Tensor:
@@ -440,9 +448,15 @@ class ApproxProbe:
         lse = lse.unsqueeze(-1)
         keys_seen = visible_count if isinstance(visible_count, int) else visible_count.clamp(min=1)
 
+        approx_fn = getattr(call.module._approx_attn, "__func__", None)
+        if counted is True and approx_fn is exact_topk and not self._exact_heads.get(call.layer):
+            # A decode step of the default method, whole, in one kernel where it applies (see topk.exact_step).
+            stepped = exact_step(logits, k, value, exact_out, lse, self._device_sums[call.layer], k / limit)
+            if stepped is not None:
+                self._add_mass_curve(call.layer, logits, lse, counted, k_len - q_len + start)
+                return stepped
         exact_scores, exact_ids = row_topk(logits, k, causal_first=future)  # masks them itself off the CPU kernel
         exact_ok = exact_scores > NEG_INF  # fewer than k visible keys: the rest are placeholders
-        approx_fn = getattr(call.module._approx_attn, "__func__", None)
         if approx_fn is exact_topk:  # the default: its ids are the exact ids, no need to score every key twice
             approx_out, error, exact_mass = attend_topk(exact_scores, exact_ids, value, exact_out, lse.squeeze(-1))
             recall = exact_ok.sum(-1) / denominator

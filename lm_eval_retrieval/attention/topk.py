@@ -147,6 +147,35 @@ def attend_topk(
     return output.view(batch, q_heads, q_len, dim), error.view(batch, q_heads, q_len), mass.view(batch, q_heads, q_len)
 
 
+def exact_step(
+    scores: torch.Tensor, k: int, value: torch.Tensor, exact: torch.Tensor, lse: torch.Tensor, sums: torch.Tensor,
+    attended: float,
+) -> torch.Tensor | None:
+    """A decode step of `exact_topk` in one CPU kernel (`_topk_scan.exact_step`): the output over each query's
+    exact top-k (B, Hq, 1, D), its statistics added to `sums` (1 + fields, Hq) float64 in place. None where the
+    kernel does not apply (off the CPU, not float32, no numba): the caller takes the general path.
+
+    scores (B, Hq, 1, W) the step's scores, every key visible; value (B, Hkv, K, D); exact (B, Hq, 1, D) and lse
+    (B, Hq, 1) the exact output and log-normaliser; attended: k over the visible keys."""
+    if scores.device.type != "cpu" or scores.dtype != torch.float32 or value.dtype != torch.float32:
+        return None
+    if sums.dtype != torch.float64 or not sums.is_contiguous():
+        return None
+    kernels = _numba_kernels()
+    if kernels is None:
+        return None
+    batch, q_heads, q_len, width = scores.shape
+    kv_heads, dim = value.shape[1], value.shape[-1]
+    rows = batch * q_heads * q_len
+    output = torch.empty(rows, dim)
+    kernels.exact_step(
+        scores.reshape(rows, width).contiguous().numpy(), k, row_groups(batch, q_heads, kv_heads, q_len),
+        value.contiguous().view(batch * kv_heads, -1, dim).numpy(), exact.reshape(rows, dim).contiguous().numpy(),
+        lse.reshape(rows).float().contiguous().numpy(), output.numpy(), sums.numpy(), q_heads, float(attended),
+    )  # fmt: skip
+    return output.view(batch, q_heads, q_len, dim)
+
+
 def _numba_kernels():  # type: ignore[no-untyped-def]
     """The compiled kernels (see _topk_scan.py), or None where numba cannot be imported (torch paths are used)."""
     return numba_module("_topk_scan")
