@@ -61,3 +61,38 @@ def test_id_set_metrics_against_a_loop(size: int, masked: bool, numba: bool, mon
     for value, name in zip(got, ("hits", "mass", "used", "error", "exact")):
         torch.testing.assert_close(value.double(), want[name], rtol=1e-5, atol=1e-6, msg=name)
     assert float(want["hits"].sum()) > 0 and float(want["used"].sum()) > 0  # the draw exercises the counting
+
+
+@pytest.mark.parametrize("scanned", [None, 3.5, "per query"])
+def test_id_set_step_adds_a_decode_steps_statistics(scanned) -> None:  # type: ignore[no-untyped-def]
+    """A decode step measured whole (exact top-k, the id set against it, the sums): against the loop above, with the
+    exact top-k from torch.topk."""
+    generator = torch.Generator().manual_seed(11)
+    batch, heads, width, k, dim = 2, 4, 70, 6, 8
+    logits = torch.randn(batch, heads, 1, width, generator=generator)
+    lse = torch.logsumexp(logits, -1)
+    exact_scores, exact_ids = logits.topk(k, dim=-1)
+    approx_ids = torch.randint(-2, width + 3, (batch, heads, 1, k + 3), generator=generator)
+    approx_ids[..., 1] = approx_ids[..., 0]
+    approx_ids[..., 2] = exact_ids[..., 0]  # at least one hit
+    approx_out, exact_out = torch.randn(2, batch, heads, 1, dim, generator=generator)
+    if scanned == "per query":
+        scanned = torch.rand(batch, heads, 1, generator=generator) * 10
+    sums = torch.zeros(7, heads, dtype=torch.float64)
+    sums[:, 1] = 2.0  # earlier steps' sums are added to
+    assert metrics_module.id_set_step(logits, k, lse, approx_ids, approx_out, exact_out, scanned, width, sums)
+    want = reference(
+        logits, lse, exact_ids, exact_scores > float("-inf"), approx_ids, approx_out, exact_out,
+        torch.ones(batch, heads, 1, width, dtype=torch.bool),
+    )  # fmt: skip
+    if scanned is None:
+        per_query = torch.full((batch, heads, 1), float("nan"), dtype=torch.float64)
+    else:
+        per_query = torch.as_tensor(scanned, dtype=torch.float64).expand(batch, heads, 1)
+    fields = [
+        torch.ones(batch, heads, 1, dtype=torch.float64), want["hits"] / k, want["error"], want["exact"], want["mass"],
+        want["used"] / width, per_query / width,
+    ]  # fmt: skip
+    expected = torch.stack([f.sum(dim=(0, 2)) for f in fields])
+    expected[:, 1] += 2.0
+    torch.testing.assert_close(sums, expected, rtol=1e-5, atol=1e-6, equal_nan=True)

@@ -67,3 +67,32 @@ def test_simhash_follows_its_rule(  # type: ignore[no-untyped-def]
         assert chosen <= set(row), (b, h, q)
         assert all(not mask[b, 0, q, j] for j in set(row) - chosen)  # placeholders only where fewer than k are visible
     torch.testing.assert_close(output.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_decode_steps_extend_the_kept_codes_in_place() -> None:
+    """Decode steps add one key each: its code is written into the kept buffer (no re-projection, no copy), and
+    every step still follows the rule; other keys of the same shape (another document) start afresh."""
+    from lm_eval_retrieval.attention.approx.contract import approx_state
+
+    torch.manual_seed(5)
+    batch, q_heads, kv_heads, dim, k = 1, 6, 2, 16, 8
+    key, value = torch.randn(batch, kv_heads, 60, dim), torch.randn(batch, kv_heads, 60, dim)
+    module = torch.nn.Module()
+    module._lmr_layer, module._approx_args = 2, {"bits": 10}
+    buffers = set()
+    for length in (40, 41, 42, 43):
+        query = torch.randn(batch, q_heads, 1, dim)
+        mask = torch.ones(batch, 1, 1, length, dtype=torch.bool)
+        output, _, ids = simhash(module, query, key[:, :, :length], value[:, :, :length], mask, 0.25, k)
+        sets, expected = reference(module, query, key[:, :, :length], value[:, :, :length], mask, 0.25, k)
+        for (b, h, q), chosen in sets.items():
+            assert chosen == set(ids[b, h, q].tolist())
+        torch.testing.assert_close(output.double(), expected, rtol=1e-5, atol=1e-6)
+        buffers.add(approx_state(module)["simhash_codes"][0].data_ptr())
+    assert len(buffers) == 1, "each decode step writes into the buffer kept since the prefill"
+    other = torch.randn(batch, kv_heads, 44, dim)
+    query = torch.randn(batch, q_heads, 1, dim)
+    mask = torch.ones(batch, 1, 1, 44, dtype=torch.bool)
+    output, _, ids = simhash(module, query, other, value[:, :, :44], mask, 0.25, k)
+    sets, expected = reference(module, query, other, value[:, :, :44], mask, 0.25, k)
+    assert all(chosen == set(ids[b, h, q].tolist()) for (b, h, q), chosen in sets.items())

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from ._topk_scan import PARTS
+from ._topk_scan import PARTS, best_blocks_row
 
 
 @numba.njit(inline="always", fastmath={"contract"})
@@ -87,3 +87,38 @@ def id_set_metrics_serial(
             r, logits, lse, exact_scores, exact_ids, approx_ids, row_limit, mask, row_mask, approx_out, exact_out,
             hits, mass, used, error, exact_mass, marks,
         )  # fmt: skip
+
+
+@numba.njit(cache=True, nogil=True)
+def id_set_step(
+    logits, k, lse, approx_ids, row_limit, approx_out, exact_out, scanned, denominator, keys_seen, sums, heads,
+):  # pragma: no cover - compiled
+    """A decode step of an approximation, measured whole on the calling thread. Per row (one query of one head,
+    rows in (batch, head) order): the exact top-k of logits (R, W) by the blocked rule of `_topk_scan`, then the
+    row's approximate ids against it as `id_set_metrics` measures them (keys up to row_limit[r] visible), added to
+    sums (1 + 6, heads) at the row's head: the count, recall (hits / denominator), error norm, exact and
+    approximate mass, attended (ids used / keys_seen) and scanned (scanned[r] / keys_seen, NaN where the method
+    reported nothing). As torch operations that is a few dozen small tensors per layer and step."""
+    count, width = logits.shape
+    maxima = np.empty(width // 32 + 1, dtype=logits.dtype)
+    block_max, block_id = np.empty(k, dtype=logits.dtype), np.empty(k, dtype=np.int64)
+    lanes = np.empty(16, dtype=logits.dtype)
+    exact_scores, exact_ids = np.empty((count, k), dtype=logits.dtype), np.empty((count, k), dtype=np.int64)
+    hits, used = np.empty(count, dtype=np.int64), np.empty(count, dtype=np.int64)
+    mass, error, exact_mass = np.empty(count), np.empty(count), np.empty(count)
+    marks = np.zeros(width, dtype=np.int64)
+    mask, row_mask = np.zeros((1, 1), dtype=np.bool_), np.full(count, -1)
+    for r in range(count):
+        best_blocks_row(logits[r], width, 32, exact_scores[r], exact_ids[r], maxima, block_max, block_id, lanes)
+        _row(
+            r, logits, lse, exact_scores, exact_ids, approx_ids, row_limit, mask, row_mask, approx_out, exact_out,
+            hits, mass, used, error, exact_mass, marks,
+        )  # fmt: skip
+        h = r % heads
+        sums[0, h] += 1.0
+        sums[1, h] += hits[r] / denominator
+        sums[2, h] += error[r]
+        sums[3, h] += exact_mass[r]
+        sums[4, h] += mass[r]
+        sums[5, h] += used[r] / keys_seen
+        sums[6, h] += scanned[r] / keys_seen

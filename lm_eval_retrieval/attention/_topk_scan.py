@@ -44,7 +44,7 @@ def _max32(row, start, lanes):  # pragma: no cover - compiled
 
 
 @numba.njit(inline="always")
-def _best_blocks_row(row, row_end, block, best, where, maxima, block_max, block_id, lanes):  # pragma: no cover
+def best_blocks_row(row, row_end, block, best, where, maxima, block_max, block_id, lanes):  # pragma: no cover
     """One row's k = best.shape[0] largest scores among row[:row_end] (largest first) into best / where; maxima,
     block_max, block_id and lanes are the caller's scratch."""
     width = row_end
@@ -112,7 +112,7 @@ def best_blocks_scan(rows, ends, block, values, indices):  # pragma: no cover - 
         block_max, block_id = np.empty(k, dtype=rows.dtype), np.empty(k, dtype=np.int64)
         lanes = np.empty(16, dtype=rows.dtype)
         for r in range(p * count // parts, (p + 1) * count // parts):
-            _best_blocks_row(rows[r], ends[r], block, values[r], indices[r], maxima, block_max, block_id, lanes)
+            best_blocks_row(rows[r], ends[r], block, values[r], indices[r], maxima, block_max, block_id, lanes)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -125,7 +125,7 @@ def best_blocks_scan_serial(rows, ends, block, values, indices):  # pragma: no c
     block_max, block_id = np.empty(k, dtype=rows.dtype), np.empty(k, dtype=np.int64)
     lanes = np.empty(16, dtype=rows.dtype)
     for r in range(rows.shape[0]):
-        _best_blocks_row(rows[r], ends[r], block, values[r], indices[r], maxima, block_max, block_id, lanes)
+        best_blocks_row(rows[r], ends[r], block, values[r], indices[r], maxima, block_max, block_id, lanes)
 
 
 @numba.njit(inline="always", fastmath={"contract"})
@@ -194,7 +194,7 @@ def exact_step(rows, k, row_group, values, exact, lse, out, sums, heads, attende
     scores, ids = np.empty((count, k), dtype=rows.dtype), np.empty((count, k), dtype=np.int64)
     error, mass = np.empty(count, dtype=np.float32), np.empty(count, dtype=np.float32)
     for r in range(count):
-        _best_blocks_row(rows[r], width, 32, scores[r], ids[r], maxima, block_max, block_id, lanes)
+        best_blocks_row(rows[r], width, 32, scores[r], ids[r], maxima, block_max, block_id, lanes)
         _attend_row(r, scores, ids, row_group, values, exact, lse, out, error, mass)
         found = 0
         for j in range(k):

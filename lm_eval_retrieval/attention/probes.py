@@ -13,7 +13,7 @@ from .approx.contract import reset_state, take_scanned
 from .approx.exact_topk import exact_topk
 from .budget import Budget, parse_budget
 from .hook import AttentionCall, cpu_attention_with_lse
-from .set_metrics import id_set_metrics
+from .set_metrics import id_set_metrics, id_set_step
 from .topk import attend_topk, exact_step, mask_future, row_topk
 
 MASS_CURVE_K = [2**i for i in range(11)]  # 1 .. 1024
@@ -455,9 +455,9 @@ class ApproxProbe:
             if stepped is not None:
                 self._add_mass_curve(call.layer, logits, lse, counted, k_len - q_len + start)
                 return stepped
-        exact_scores, exact_ids = row_topk(logits, k, causal_first=future)  # masks them itself off the CPU kernel
-        exact_ok = exact_scores > NEG_INF  # fewer than k visible keys: the rest are placeholders
         if approx_fn is exact_topk:  # the default: its ids are the exact ids, no need to score every key twice
+            exact_scores, exact_ids = row_topk(logits, k, causal_first=future)  # masks them itself off the CPU kernel
+            exact_ok = exact_scores > NEG_INF  # fewer than k visible keys: the rest are placeholders
             approx_out, error, exact_mass = attend_topk(exact_scores, exact_ids, value, exact_out, lse.squeeze(-1))
             recall = exact_ok.sum(-1) / denominator
             approx_mass = exact_mass
@@ -472,6 +472,13 @@ class ApproxProbe:
             reported = take_scanned(call.module)
             self._check_approx(call.layer, query, call.value, approx_out, approx_ids, k_len, k)
             approx_out = approx_out.float()
+            if counted is True and not self._exact_heads.get(call.layer):
+                # A decode step measured whole in one kernel where it applies (see set_metrics.id_set_step).
+                sums = self._device_sums[call.layer]
+                if id_set_step(logits, k, lse, approx_ids, approx_out, exact_out, reported, limit, sums):
+                    self._add_mass_curve(call.layer, logits, lse, counted, k_len - q_len + start)
+                    return approx_out
+            exact_scores, exact_ids = row_topk(logits, k, causal_first=future)  # masks them itself off the CPU kernel
             causal = call.attention_mask is None  # query i of the chunk sees keys up to first_own + i
             hits, approx_mass, used, error, exact_mass = id_set_metrics(
                 logits, lse, exact_scores, exact_ids, approx_ids, approx_out, exact_out,

@@ -63,6 +63,47 @@ def id_set_metrics(
     return hits.view(shape), mass.view(shape), used.view(shape), error.view(shape), exact_mass.view(shape)
 
 
+def id_set_step(
+    logits: torch.Tensor,
+    k: int,
+    lse: torch.Tensor,
+    approx_ids: torch.Tensor,
+    approx_out: torch.Tensor,
+    exact_out: torch.Tensor,
+    scanned: torch.Tensor | float | None,
+    keys_seen: int,
+    sums: torch.Tensor,
+) -> bool:
+    """A decode step of an approximation in one CPU kernel (`_metrics_scan.id_set_step`): the exact top-k of each
+    query, its approximate ids measured against it, the statistics added to `sums` (1 + fields, Hq) float64 in
+    place. False where the kernel does not apply (off the CPU, not float32, no numba): the caller takes the general
+    path, `row_topk` then `id_set_metrics`.
+
+    logits (B, Hq, 1, W): the step's scores, keys 0..W-1 all visible (plain causal attention); lse (B, Hq, 1[, 1]);
+    approx_ids (B, Hq, 1, k'); approx_out, exact_out (B, Hq, 1, D) float32; scanned: the method's reported work per
+    query (a number, (B, Hq, 1), or None); keys_seen: W. Recall is hits / min(k, W)."""
+    if logits.device.type != "cpu" or logits.dtype != torch.float32 or approx_out.dtype != torch.float32:
+        return False
+    if sums.dtype != torch.float64 or not sums.is_contiguous():
+        return False
+    kernels = numba_module("_metrics_scan")
+    if kernels is None:
+        return False
+    batch, heads, size, width = logits.shape
+    rows = batch * heads * size
+    if scanned is None:
+        per_row = np.full(rows, np.nan)
+    else:
+        per_row = torch.as_tensor(scanned, dtype=torch.float64).expand(batch, heads, size).reshape(rows).numpy()
+    kernels.id_set_step(
+        logits.reshape(rows, width).contiguous().numpy(), k, lse.reshape(rows).float().contiguous().numpy(),
+        approx_ids.reshape(rows, -1).long().contiguous().numpy(), np.full(rows, width - 1),
+        approx_out.reshape(rows, -1).contiguous().numpy(), exact_out.reshape(rows, -1).contiguous().numpy(),
+        per_row, float(min(k, width)), float(keys_seen), sums.numpy(), heads,
+    )  # fmt: skip
+    return True
+
+
 _NO_MASK = np.zeros((1, 1), dtype=np.bool_)
 
 

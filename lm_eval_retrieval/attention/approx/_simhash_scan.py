@@ -143,7 +143,7 @@ def simhash_attend(
     """For each row r (a query of one head): the k = ids.shape[1] visible keys whose codes differ from the row's
     code in the fewest bits, ties to the more recent key, into `ids`; the softmax attention over them into `out`.
 
-    query_proj (R, bits): the row's projections on the hyperplanes, whose signs are its code; key_codes (G, K):
+    query_proj (R, bits): the row's projections on the hyperplanes, whose signs are its code; key_codes (G, >= K):
     the keys' packed codes (`pack_codes`); row_group (R,): the row's (batch x KV head) index into key_codes and
     keys/values (G, K, D); visible (M, K) bool and row_mask (R,): the row's mask row; row_end (M,): one past the
     last visible key of each mask row (no key after it is read); query (R, D) float32. A row with fewer than k

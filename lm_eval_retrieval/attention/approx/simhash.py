@@ -119,9 +119,10 @@ def _simhash_kernel(  # type: ignore[no-untyped-def]
 
 
 def _key_codes(kernels, module: torch.nn.Module, key: torch.Tensor, planes: torch.Tensor) -> torch.Tensor:  # type: ignore[no-untyped-def]
-    """The packed codes of every key (B x Hkv, K) int64, kept in the sequence's state and extended by the keys a
-    decode step (or a later prefill chunk) adds: a cached key never changes within a sequence, and re-projecting the
-    whole cache at every step cost more than the step's own search.
+    """The packed codes of every key (B x Hkv, >= K) int64 (columns past K are room for later keys, never read),
+    kept in the sequence's state and extended by the keys a decode step (or a later prefill chunk) adds: a cached
+    key never changes within a sequence, and re-projecting the whole cache at every step cost more than the step's
+    own search.
 
     The state is trusted only if the first and last keys it has codes for are still the same vectors (a direct call
     with other keys of the same shape starts afresh)."""
@@ -131,21 +132,24 @@ def _key_codes(kernels, module: torch.nn.Module, key: torch.Tensor, planes: torc
     kept = state.get("simhash_codes")
     known = 0
     if kept is not None:
-        codes, ends, known_planes = kept
-        known = codes.shape[1] if codes.shape[0] == groups.shape[0] and known_planes is planes else 0
-        known = min(known, k_len)
+        codes, count, ends, known_planes = kept
+        if codes.shape[0] == groups.shape[0] and known_planes is planes:
+            known = min(count, k_len)
         if known and not (torch.equal(ends[0], groups[:, 0]) and torch.equal(ends[1], groups[:, known - 1])):
             known = 0
     if known == k_len:
         return codes
-    fresh = torch.empty(groups.shape[0], k_len, dtype=torch.int64)
-    if known:
-        fresh[:, :known] = codes[:, :known]
+    if not known or codes.shape[1] < k_len:
+        # Room for the decode steps to come, so that each writes its key's code in place instead of copying all.
+        grown = torch.empty(groups.shape[0], k_len + max(64, k_len // 8), dtype=torch.int64)
+        if known:
+            grown[:, :known] = codes[:, :known]
+        codes = grown
     projections = (groups[:, known:].float() @ planes).contiguous()
     pack = row_kernel(kernels, "pack_codes", projections.shape[0] * projections.shape[1])
-    pack(projections.numpy(), fresh.numpy(), known)
-    state["simhash_codes"] = (fresh, (groups[:, 0].clone(), groups[:, -1].clone()), planes)
-    return fresh
+    pack(projections.numpy(), codes.numpy(), known)
+    state["simhash_codes"] = (codes, k_len, (groups[:, 0].clone(), groups[:, -1].clone()), planes)
+    return codes
 
 
 def _numba_kernel():  # type: ignore[no-untyped-def]
