@@ -82,7 +82,8 @@ def main() -> None:
     parser.add_argument("--approx", nargs="+", default=["exact_topk", "simhash"])
     parser.add_argument("--topk", type=int, default=10)
     parser.add_argument(
-        "--repeats", type=int, default=1, help="time each run this many times (plain and the methods in turn), keep the best"
+        "--repeats", type=int, default=1,
+        help="time each run this many times (plain and the methods in turn), keep the best",
     )
     args = parser.parse_args()
 

@@ -12,6 +12,7 @@ import numpy as np
 # Rows are cut into this many parts, each with its own scratch memory, for numba's pool to share out (a constant:
 # asking numba for its thread count inside a kernel would stop the kernel being cached on disk).
 PARTS = 256
+STEP_BLOCK = 32  # the block size of the decode-step kernels, as topk.BLOCK passes it to the scans
 
 
 @numba.njit(inline="always")
@@ -93,6 +94,17 @@ def best_blocks_row(row, row_end, block, best, where, maxima, block_max, block_i
                 c += 1
 
 
+@numba.njit(inline="always")
+def topk_scratch(rows, k, block):  # pragma: no cover - compiled
+    """One thread's working memory for `best_blocks_row` over rows (R, W) with top k: block maxima, the k best
+    blocks' maxima and ids, and the 16 lanes of `_max32`."""
+    width = rows.shape[1]
+    return (
+        np.empty(width // block + 1, dtype=rows.dtype), np.empty(k, dtype=rows.dtype), np.empty(k, dtype=np.int64),
+        np.empty(16, dtype=rows.dtype),
+    )
+
+
 @numba.njit(parallel=True, cache=True, nogil=True)
 def best_blocks_scan(rows, ends, block, values, indices):  # pragma: no cover - compiled
     """For each row r of `rows` (R, W): the k = values.shape[1] largest scores among rows[r, :ends[r]] into `values`
@@ -108,9 +120,7 @@ def best_blocks_scan(rows, ends, block, values, indices):  # pragma: no cover - 
     k = values.shape[1]
     parts = min(count, PARTS)
     for p in numba.prange(parts):
-        maxima = np.empty(width // block + 1, dtype=rows.dtype)
-        block_max, block_id = np.empty(k, dtype=rows.dtype), np.empty(k, dtype=np.int64)
-        lanes = np.empty(16, dtype=rows.dtype)
+        maxima, block_max, block_id, lanes = topk_scratch(rows, k, block)
         for r in range(p * count // parts, (p + 1) * count // parts):
             best_blocks_row(rows[r], ends[r], block, values[r], indices[r], maxima, block_max, block_id, lanes)
 
@@ -119,11 +129,7 @@ def best_blocks_scan(rows, ends, block, values, indices):  # pragma: no cover - 
 def best_blocks_scan_serial(rows, ends, block, values, indices):  # pragma: no cover - compiled
     """`best_blocks_scan` on the calling thread: a decode step's few rows cost less than waking numba's pool, and
     less than the dozen small tensors of the torch rule."""
-    width = rows.shape[1]
-    k = values.shape[1]
-    maxima = np.empty(width // block + 1, dtype=rows.dtype)
-    block_max, block_id = np.empty(k, dtype=rows.dtype), np.empty(k, dtype=np.int64)
-    lanes = np.empty(16, dtype=rows.dtype)
+    maxima, block_max, block_id, lanes = topk_scratch(rows, values.shape[1], block)
     for r in range(rows.shape[0]):
         best_blocks_row(rows[r], ends[r], block, values[r], indices[r], maxima, block_max, block_id, lanes)
 
@@ -188,13 +194,11 @@ def exact_step(rows, k, row_group, values, exact, lse, out, sums, heads, attende
     (the same keys), attended (`attended`, the k of every visible key) and scanned (1: every key scored). As torch
     operations those are a few dozen small tensors per layer and step, which cost more than the arithmetic."""
     count, width = rows.shape
-    maxima = np.empty(width // 32 + 1, dtype=rows.dtype)
-    block_max, block_id = np.empty(k, dtype=rows.dtype), np.empty(k, dtype=np.int64)
-    lanes = np.empty(16, dtype=rows.dtype)
+    maxima, block_max, block_id, lanes = topk_scratch(rows, k, STEP_BLOCK)
     scores, ids = np.empty((count, k), dtype=rows.dtype), np.empty((count, k), dtype=np.int64)
     error, mass = np.empty(count, dtype=np.float32), np.empty(count, dtype=np.float32)
     for r in range(count):
-        best_blocks_row(rows[r], width, 32, scores[r], ids[r], maxima, block_max, block_id, lanes)
+        best_blocks_row(rows[r], width, STEP_BLOCK, scores[r], ids[r], maxima, block_max, block_id, lanes)
         _attend_row(r, scores, ids, row_group, values, exact, lse, out, error, mass)
         found = 0
         for j in range(k):

@@ -74,7 +74,9 @@ def mask_future(scores: torch.Tensor, causal_first: int) -> torch.Tensor:
     return scores
 
 
-def _best_blocks(kernels, scores: torch.Tensor, k: int, causal_first: int | None) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[no-untyped-def]
+def _best_blocks(  # type: ignore[no-untyped-def]
+    kernels, scores: torch.Tensor, k: int, causal_first: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     size, width = scores.shape[-2], scores.shape[-1]
     rows = scores.reshape(-1, width)
     ends = _row_ends(rows.shape[0] // size, size, width, causal_first)

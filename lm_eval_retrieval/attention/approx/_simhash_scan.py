@@ -1,6 +1,6 @@
 """The numba kernels behind `simhash` on CPUs: codes compared by popcount, the k best keys picked in one walk back
-from the newest key, and attention over them, one row at a time, so no (queries x keys) matrix is ever written. Key codes are packed once
-per key (`pack_codes`) and kept by the caller for the rest of the sequence.
+from the newest key, and attention over them, one row at a time, so no (queries x keys) matrix is ever written. Key
+codes are packed once per key (`pack_codes`) and kept by the caller for the rest of the sequence.
 
 Compiled on first use and cached beside this file (`cache=True`).
 """

@@ -9,8 +9,9 @@ recall table and heatmaps are there to show.
 
 On a CPU the codes are packed into integers (bits <= 62) and compared by popcount in a numba kernel
 (`_simhash_scan.py`) that picks each query's keys in one walk back from its newest key and attends over them, never
-writing a (queries x keys) matrix; the keys' codes are packed once per sequence and extended at each decode step. Elsewhere the
-same rule runs as torch operations (agreement = bits - 2 x Hamming distance, plus a recency fraction below one bit).
+writing a (queries x keys) matrix; the keys' codes are packed once per sequence and extended at each decode step.
+Elsewhere the same rule runs as torch operations (agreement = bits - 2 x Hamming distance, plus a recency fraction
+below one bit).
 """
 
 from __future__ import annotations
