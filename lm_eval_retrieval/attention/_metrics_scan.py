@@ -11,7 +11,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from ._topk_scan import PARTS, STEP_BLOCK, best_blocks_row, topk_scratch
+from ._topk_scan import PARTS, best_blocks_row, topk_scratch
 
 
 @numba.njit(inline="always", fastmath={"contract"})
@@ -100,14 +100,14 @@ def id_set_step(
     approximate mass, attended (ids used / keys_seen) and scanned (scanned[r] / keys_seen, NaN where the method
     reported nothing). As torch operations that is a few dozen small tensors per layer and step."""
     count, width = logits.shape
-    maxima, block_max, block_id, lanes = topk_scratch(logits, k, STEP_BLOCK)
+    maxima, block_max, block_id, lanes = topk_scratch(logits, k)
     exact_scores, exact_ids = np.empty((count, k), dtype=logits.dtype), np.empty((count, k), dtype=np.int64)
     hits, used = np.empty(count, dtype=np.int64), np.empty(count, dtype=np.int64)
     mass, error, exact_mass = np.empty(count), np.empty(count), np.empty(count)
     marks = np.zeros(width, dtype=np.int64)
     mask, row_mask = np.zeros((1, 1), dtype=np.bool_), np.full(count, -1)
     for r in range(count):
-        best_blocks_row(logits[r], width, STEP_BLOCK, exact_scores[r], exact_ids[r], maxima, block_max, block_id, lanes)
+        best_blocks_row(logits[r], width, exact_scores[r], exact_ids[r], maxima, block_max, block_id, lanes)
         _row(
             r, logits, lse, exact_scores, exact_ids, approx_ids, row_limit, mask, row_mask, approx_out, exact_out,
             hits, mass, used, error, exact_mass, marks,

@@ -12,7 +12,7 @@ import numpy as np
 # Rows are cut into this many parts, each with its own scratch memory, for numba's pool to share out (a constant:
 # asking numba for its thread count inside a kernel would stop the kernel being cached on disk).
 PARTS = 256
-STEP_BLOCK = 32  # the block size of the decode-step kernels, as topk.BLOCK passes it to the scans
+BLOCK = 32  # scores per block, as in topk.py's torch rule (`_max32` takes one block as a tree of 16 lanes)
 
 
 @numba.njit(inline="always")
@@ -45,21 +45,15 @@ def _max32(row, start, lanes):  # pragma: no cover - compiled
 
 
 @numba.njit(inline="always")
-def best_blocks_row(row, row_end, block, best, where, maxima, block_max, block_id, lanes):  # pragma: no cover
+def best_blocks_row(row, row_end, best, where, maxima, block_max, block_id, lanes):  # pragma: no cover - compiled
     """One row's k = best.shape[0] largest scores among row[:row_end] (largest first) into best / where; maxima,
-    block_max, block_id and lanes are the caller's scratch."""
+    block_max, block_id and lanes are the caller's scratch (`topk_scratch`)."""
     width = row_end
     k = best.shape[0]
+    block = BLOCK
     blocks = width // block
-    if block == 32:  # the block maxima as a tree of element-wise maxima, which the compiler vectorises
-        for b in range(blocks):
-            maxima[b] = _max32(row, b * 32, lanes)
-    else:
-        for b in range(blocks):
-            m = row[b * block]
-            for j in range(b * block + 1, (b + 1) * block):
-                m = max(m, row[j])
-            maxima[b] = m
+    for b in range(blocks):  # the block maxima as trees of element-wise maxima, which the compiler vectorises
+        maxima[b] = _max32(row, b * block, lanes)
     for c in range(k):
         block_max[c] = -np.inf
         block_id[c] = 0
@@ -95,18 +89,18 @@ def best_blocks_row(row, row_end, block, best, where, maxima, block_max, block_i
 
 
 @numba.njit(inline="always")
-def topk_scratch(rows, k, block):  # pragma: no cover - compiled
+def topk_scratch(rows, k):  # pragma: no cover - compiled
     """One thread's working memory for `best_blocks_row` over rows (R, W) with top k: block maxima, the k best
     blocks' maxima and ids, and the 16 lanes of `_max32`."""
     width = rows.shape[1]
     return (
-        np.empty(width // block + 1, dtype=rows.dtype), np.empty(k, dtype=rows.dtype), np.empty(k, dtype=np.int64),
+        np.empty(width // BLOCK + 1, dtype=rows.dtype), np.empty(k, dtype=rows.dtype), np.empty(k, dtype=np.int64),
         np.empty(16, dtype=rows.dtype),
     )
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def best_blocks_scan(rows, ends, block, values, indices):  # pragma: no cover - compiled
+def best_blocks_scan(rows, ends, values, indices):  # pragma: no cover - compiled
     """For each row r of `rows` (R, W): the k = values.shape[1] largest scores among rows[r, :ends[r]] into `values`
     (largest first) and their column ids into `indices`; the scores from ends[r] on count as -inf and are never
     read (a causal chunk's future keys need no mask).
@@ -120,18 +114,18 @@ def best_blocks_scan(rows, ends, block, values, indices):  # pragma: no cover - 
     k = values.shape[1]
     parts = min(count, PARTS)
     for p in numba.prange(parts):
-        maxima, block_max, block_id, lanes = topk_scratch(rows, k, block)
+        maxima, block_max, block_id, lanes = topk_scratch(rows, k)
         for r in range(p * count // parts, (p + 1) * count // parts):
-            best_blocks_row(rows[r], ends[r], block, values[r], indices[r], maxima, block_max, block_id, lanes)
+            best_blocks_row(rows[r], ends[r], values[r], indices[r], maxima, block_max, block_id, lanes)
 
 
 @numba.njit(cache=True, nogil=True)
-def best_blocks_scan_serial(rows, ends, block, values, indices):  # pragma: no cover - compiled
+def best_blocks_scan_serial(rows, ends, values, indices):  # pragma: no cover - compiled
     """`best_blocks_scan` on the calling thread: a decode step's few rows cost less than waking numba's pool, and
     less than the dozen small tensors of the torch rule."""
-    maxima, block_max, block_id, lanes = topk_scratch(rows, values.shape[1], block)
+    maxima, block_max, block_id, lanes = topk_scratch(rows, values.shape[1])
     for r in range(rows.shape[0]):
-        best_blocks_row(rows[r], ends[r], block, values[r], indices[r], maxima, block_max, block_id, lanes)
+        best_blocks_row(rows[r], ends[r], values[r], indices[r], maxima, block_max, block_id, lanes)
 
 
 @numba.njit(inline="always", fastmath={"contract"})
@@ -194,11 +188,11 @@ def exact_step(rows, k, row_group, values, exact, lse, out, sums, heads, attende
     (the same keys), attended (`attended`, the k of every visible key) and scanned (1: every key scored). As torch
     operations those are a few dozen small tensors per layer and step, which cost more than the arithmetic."""
     count, width = rows.shape
-    maxima, block_max, block_id, lanes = topk_scratch(rows, k, STEP_BLOCK)
+    maxima, block_max, block_id, lanes = topk_scratch(rows, k)
     scores, ids = np.empty((count, k), dtype=rows.dtype), np.empty((count, k), dtype=np.int64)
     error, mass = np.empty(count, dtype=np.float32), np.empty(count, dtype=np.float32)
     for r in range(count):
-        best_blocks_row(rows[r], width, STEP_BLOCK, scores[r], ids[r], maxima, block_max, block_id, lanes)
+        best_blocks_row(rows[r], width, scores[r], ids[r], maxima, block_max, block_id, lanes)
         _attend_row(r, scores, ids, row_group, values, exact, lse, out, error, mass)
         found = 0
         for j in range(k):

@@ -30,7 +30,7 @@ import torch
 from ._numba import numba_module
 from .kernel_rows import row_groups, row_kernel
 
-BLOCK = 32  # scores per block
+BLOCK = 32  # scores per block (the CPU kernel's own _topk_scan.BLOCK is the same)
 MIN_BLOCKS_PER_K = 4  # without numba, rows shorter than BLOCK * MIN_BLOCKS_PER_K * k go to torch.topk directly
 
 
@@ -82,7 +82,7 @@ def _best_blocks(  # type: ignore[no-untyped-def]
     ends = _row_ends(rows.shape[0] // size, size, width, causal_first)
     values = torch.empty(rows.shape[0], k, dtype=scores.dtype)
     indices = torch.empty(rows.shape[0], k, dtype=torch.int64)
-    row_kernel(kernels, "best_blocks_scan", rows.shape[0])(rows.numpy(), ends, BLOCK, values.numpy(), indices.numpy())
+    row_kernel(kernels, "best_blocks_scan", rows.shape[0])(rows.numpy(), ends, values.numpy(), indices.numpy())
     shape = (*scores.shape[:-1], k)
     return values.view(shape), indices.view(shape)
 
