@@ -88,7 +88,7 @@ def test_decode_steps_extend_the_kept_codes_in_place() -> None:
         for (b, h, q), chosen in sets.items():
             assert chosen == set(ids[b, h, q].tolist())
         torch.testing.assert_close(output.double(), expected, rtol=1e-5, atol=1e-6)
-        buffers.add(approx_state(module)["simhash_codes"][0].data_ptr())
+        buffers.add(approx_state(module)["simhash_codes"][0].ctypes.data)
     assert len(buffers) == 1, "each decode step writes into the buffer kept since the prefill"
     other = torch.randn(batch, kv_heads, 44, dim)
     query = torch.randn(batch, q_heads, 1, dim)

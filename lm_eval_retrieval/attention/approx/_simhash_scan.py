@@ -1,6 +1,6 @@
 """The numba kernels behind `simhash` on CPUs: codes compared by popcount, the k best keys picked in one walk back
 from the newest key, and attention over them, one row at a time, so no (queries x keys) matrix is ever written. Key
-codes are packed once per key (`pack_codes`) and kept by the caller for the rest of the sequence.
+codes are packed once per key (`extend_codes`) and kept by the caller for the rest of the sequence.
 
 Compiled on first use and cached beside this file (`cache=True`).
 """
@@ -31,20 +31,28 @@ def _code(projections):  # pragma: no cover - compiled
     return code
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
-def pack_codes(projections, codes, start):  # pragma: no cover - compiled
-    """codes[g, j] = the packed signs of projections[g, j - start] for every j >= start (G, K) int64."""
-    groups, length = projections.shape[0], projections.shape[1]
-    for g in numba.prange(groups * length):
-        codes[g // length, start + g % length] = _code(projections[g // length, g % length])
-
-
 @numba.njit(cache=True, nogil=True)
-def pack_codes_serial(projections, codes, start):  # pragma: no cover - compiled
-    """`pack_codes` on the calling thread, for a decode step's one new key per group."""
-    for g in range(projections.shape[0]):
+def extend_codes(projections, codes, start, keys, first, last):  # pragma: no cover - compiled
+    """Extend the kept codes of keys (G, K, D) float32 from key `start` on, if the kept ones are still theirs.
+
+    They are trusted when start is 0, or when first[g] and last[g] (G, D), the first key and the last key the codes
+    were packed for, still equal keys[g, 0] and keys[g, start - 1]. Then codes[g, j] for j >= start become the
+    packed signs of projections[g, j - start], first and last follow the keys, and K is returned; otherwise
+    nothing is written and 0 is returned (the caller packs every key afresh). One pass on the calling thread: a
+    decode step has one key per group, and even a prefill's keys pack in well under a millisecond."""
+    groups, length, dim = keys.shape
+    if start > 0:
+        for g in range(groups):
+            for d in range(dim):
+                if keys[g, 0, d] != first[g, d] or keys[g, start - 1, d] != last[g, d]:
+                    return 0
+    for g in range(groups):
         for j in range(projections.shape[1]):
             codes[g, start + j] = _code(projections[g, j])
+        for d in range(dim):
+            first[g, d] = keys[g, 0, d]
+            last[g, d] = keys[g, length - 1, d]
+    return length
 
 
 BLOCK = 16  # keys whose distances are computed together before any of them is looked at
@@ -61,6 +69,15 @@ def _scratch(k, value_dim):  # pragma: no cover - compiled
         np.empty(k, dtype=np.float32), np.empty(value_dim, dtype=np.float64), np.empty(LEVELS, dtype=np.int32),
         np.empty(LEVELS, dtype=np.int32),
     )
+
+
+@numba.njit(inline="always")
+def _push(slot, key, dist, slot_key, below, top, held):  # pragma: no cover - compiled
+    """Keep `key` in `slot`, on top of distance `dist`'s stack."""
+    slot_key[slot] = key
+    below[slot] = top[dist]
+    top[dist] = slot
+    held[dist] += 1
 
 
 @numba.njit(inline="always", fastmath={"contract"})
@@ -99,18 +116,17 @@ def _attend_row(
                 if filled < k:
                     slot = filled
                     filled += 1
+                    _push(slot, lo + t, dist, slot_key, below, top, held)
+                    if filled == k:  # full: from now on a key must beat the worst distance held
+                        while held[worst] == 0:
+                            worst -= 1
                 elif dist < worst:
                     slot = top[worst]
                     top[worst] = below[slot]
                     held[worst] -= 1
-                else:
-                    continue
-                slot_key[slot] = lo + t
-                below[slot] = top[dist]
-                top[dist] = slot
-                held[dist] += 1
-                if filled == k:
-                    worst = np.int32(bits + 1)
+                    _push(slot, lo + t, dist, slot_key, below, top, held)
+                    # The worst distance only falls, and never below this key's: a step down from where it was
+                    # (counting down from the top at every replacement cost a third of the whole kernel).
                     while held[worst] == 0:
                         worst -= 1
         hi = lo
@@ -135,46 +151,6 @@ def _attend_row(
     attend_picked_row(r, query, keys, values, group, ids[r], chosen, scaling, softcap, scores, acc, out)
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
-def simhash_attend(
-    query_proj, key_codes, bits, row_group, visible, row_mask, row_end, query, keys, values, scaling, softcap, ids,
-    out,
-):  # pragma: no cover - compiled
-    """For each row r (a query of one head): the k = ids.shape[1] visible keys whose codes differ from the row's
-    code in the fewest bits, ties to the more recent key, into `ids`; the softmax attention over them into `out`.
-
-    query_proj (R, bits): the row's projections on the hyperplanes, whose signs are its code; key_codes (G, >= K):
-    the keys' packed codes (`pack_codes`); row_group (R,): the row's (batch x KV head) index into key_codes and
-    keys/values (G, K, D); visible (M, K) bool and row_mask (R,): the row's mask row; row_end (M,): one past the
-    last visible key of each mask row (no key after it is read); query (R, D) float32. A row with fewer than k
-    visible keys takes them all and fills the rest of its ids with invisible keys, which get no weight; a row that
-    sees nothing gets 0.
-    """
-    rows = ids.shape[0]
-    parts = min(rows, PARTS)
-    for p in numba.prange(parts):
-        block, slot_key, below, scores, acc, top, held = _scratch(ids.shape[1], values.shape[2])
-        for r in range(p * rows // parts, (p + 1) * rows // parts):
-            _attend_row(
-                r, query_proj, key_codes, bits, row_group, visible, row_mask, row_end, query, keys, values, scaling,
-                softcap, ids, out, block, slot_key, below, scores, acc, top, held,
-            )  # fmt: skip
-
-
-@numba.njit(cache=True, nogil=True)
-def simhash_attend_serial(
-    query_proj, key_codes, bits, row_group, visible, row_mask, row_end, query, keys, values, scaling, softcap, ids,
-    out,
-):  # pragma: no cover - compiled
-    """`simhash_attend` on the calling thread: a decode step's few rows cost less than waking numba's pool."""
-    block, slot_key, below, scores, acc, top, held = _scratch(ids.shape[1], values.shape[2])
-    for r in range(ids.shape[0]):
-        _attend_row(
-            r, query_proj, key_codes, bits, row_group, visible, row_mask, row_end, query, keys, values, scaling,
-            softcap, ids, out, block, slot_key, below, scores, acc, top, held,
-        )  # fmt: skip
-
-
 @numba.njit(inline="always")
 def _row_extent(visible, counts, ends, m):  # pragma: no cover - compiled
     row = visible[m]
@@ -188,15 +164,45 @@ def _row_extent(visible, counts, ends, m):  # pragma: no cover - compiled
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def row_extents(visible, counts, ends):  # pragma: no cover - compiled
-    """For each mask row m of visible (M, K) bool: counts[m], its visible keys; ends[m], one past its last one (0
-    if none). Torch would convert the whole mask to integers for each."""
+def simhash_attend(
+    query_proj, key_codes, bits, row_group, visible, row_mask, counts, row_end, query, keys, values, scaling, softcap,
+    ids, out,
+):  # pragma: no cover - compiled
+    """For each row r (a query of one head): the k = ids.shape[1] visible keys whose codes differ from the row's
+    code in the fewest bits, ties to the more recent key, into `ids`; the softmax attention over them into `out`.
+
+    query_proj (R, bits): the row's projections on the hyperplanes, whose signs are its code; key_codes (G, >= K):
+    the keys' packed codes (`extend_codes`); row_group (R,): the row's (batch x KV head) index into key_codes and
+    keys/values (G, K, D); visible (M, K) bool and row_mask (R,): the row's mask row; counts and row_end (M,) int64,
+    written first: each mask row's visible keys, and one past its last one (no key after it is read; torch would
+    convert the whole mask to integers for each); query (R, D) float32. A row with fewer than k
+    visible keys takes them all and fills the rest of its ids with invisible keys, which get no weight; a row that
+    sees nothing gets 0.
+    """
     for m in numba.prange(visible.shape[0]):
-        _row_extent(visible, counts, ends, m)
+        _row_extent(visible, counts, row_end, m)
+    rows = ids.shape[0]
+    parts = min(rows, PARTS)
+    for p in numba.prange(parts):
+        block, slot_key, below, scores, acc, top, held = _scratch(ids.shape[1], values.shape[2])
+        for r in range(p * rows // parts, (p + 1) * rows // parts):
+            _attend_row(
+                r, query_proj, key_codes, bits, row_group, visible, row_mask, row_end, query, keys, values, scaling,
+                softcap, ids, out, block, slot_key, below, scores, acc, top, held,
+            )  # fmt: skip
 
 
 @numba.njit(cache=True, nogil=True)
-def row_extents_serial(visible, counts, ends):  # pragma: no cover - compiled
-    """`row_extents` on the calling thread, for a decode step's mask row."""
+def simhash_attend_serial(
+    query_proj, key_codes, bits, row_group, visible, row_mask, counts, row_end, query, keys, values, scaling, softcap,
+    ids, out,
+):  # pragma: no cover - compiled
+    """`simhash_attend` on the calling thread: a decode step's few rows cost less than waking numba's pool."""
     for m in range(visible.shape[0]):
-        _row_extent(visible, counts, ends, m)
+        _row_extent(visible, counts, row_end, m)
+    block, slot_key, below, scores, acc, top, held = _scratch(ids.shape[1], values.shape[2])
+    for r in range(ids.shape[0]):
+        _attend_row(
+            r, query_proj, key_codes, bits, row_group, visible, row_mask, row_end, query, keys, values, scaling,
+            softcap, ids, out, block, slot_key, below, scores, acc, top, held,
+        )  # fmt: skip

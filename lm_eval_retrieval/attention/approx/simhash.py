@@ -17,6 +17,7 @@ below one bit).
 from __future__ import annotations
 
 
+import numpy as np
 import torch
 
 from ...errors import UserInputError
@@ -95,62 +96,66 @@ def _simhash_kernel(  # type: ignore[no-untyped-def]
     batch, q_heads, q_len, dim = query.shape
     kv_heads, k_len = key.shape[1], key.shape[2]
     k = min(topk, k_len)
-    query_proj = (query.float() @ planes).reshape(-1, planes.shape[1])
-    key_codes = _key_codes(kernels, module, key, planes)
+    rows = batch * q_heads * q_len
+    query_proj = _projections(query.float().reshape(rows, dim), planes)
+    keys = key.float().contiguous().view(batch * kv_heads, k_len, dim)
+    key_codes = _key_codes(kernels, module, keys, planes)
     mask_heads = attention_mask.shape[1]
     mask = attention_mask.expand(batch, mask_heads, q_len, k_len).reshape(-1, k_len).contiguous()
     row_group, row_mask = row_groups(batch, q_heads, kv_heads, q_len), mask_rows(batch, q_heads, q_len, mask_heads)
-    counts, row_end = torch.empty(mask.shape[0], dtype=torch.int64), torch.empty(mask.shape[0], dtype=torch.int64)
-    row_kernel(kernels, "row_extents", mask.shape[0])(mask.numpy(), counts.numpy(), row_end.numpy())
-    counts = counts.view(batch, mask_heads, q_len)
-    _report_cost(module, counts.float(), (batch, q_heads, q_len), planes.shape[1], dim, k)
-    rows = batch * q_heads * q_len
+    counts, row_end = np.empty(mask.shape[0], dtype=np.int64), np.empty(mask.shape[0], dtype=np.int64)
     ids = torch.empty(rows, k, dtype=torch.int64)
     out = torch.empty(rows, value.shape[-1])
     softcap = module_softcap(module) or 0.0
     row_kernel(kernels, "simhash_attend", rows)(
-        query_proj.numpy(), key_codes.numpy(), planes.shape[1], row_group, mask.numpy(), row_mask,
-        row_end.numpy(), query.float().reshape(rows, dim).contiguous().numpy(),
-        key.float().contiguous().view(batch * kv_heads, k_len, dim).numpy(),
+        query_proj, key_codes, planes.shape[1], row_group, mask.numpy(), row_mask, counts, row_end,
+        query.float().reshape(rows, dim).contiguous().numpy(), keys.numpy(),
         value.float().contiguous().view(batch * kv_heads, k_len, -1).numpy(), float(scaling), float(softcap),
         ids.numpy(), out.numpy(),
     )  # fmt: skip
     shape = (batch, q_heads, q_len)
+    scanned = torch.from_numpy(counts * (planes.shape[1] / dim) + k)  # as _report_cost, without torch's op costs
+    report_scanned(module, scanned.view(batch, mask_heads, q_len).expand(shape))
     return out.view(*shape, -1), None, ids.view(*shape, k)
 
 
-def _key_codes(kernels, module: torch.nn.Module, key: torch.Tensor, planes: torch.Tensor) -> torch.Tensor:  # type: ignore[no-untyped-def]
-    """The packed codes of every key (B x Hkv, >= K) int64 (columns past K are room for later keys, never read),
-    kept in the sequence's state and extended by the keys a decode step (or a later prefill chunk) adds: a cached
-    key never changes within a sequence, and re-projecting the whole cache at every step cost more than the step's
-    own search.
+def _key_codes(kernels, module: torch.nn.Module, keys: torch.Tensor, planes: torch.Tensor) -> np.ndarray:  # type: ignore[no-untyped-def]
+    """The packed codes of every key of keys (G, K, D) float32, as (G, >= K) int64 (columns past K are room for
+    later keys, never read), kept in the sequence's state and extended by the keys a decode step (or a later
+    prefill chunk) adds: a cached key never changes within a sequence, and re-projecting the whole cache at every
+    step cost more than the step's own search.
 
-    The state is trusted only if the first and last keys it has codes for are still the same vectors (a direct call
-    with other keys of the same shape starts afresh)."""
-    batch, kv_heads, k_len, dim = key.shape
-    groups = key.reshape(batch * kv_heads, k_len, dim)
+    The kept codes are trusted only if the first and last keys they were packed for are still the same vectors (a
+    direct call with other keys of the same shape starts afresh); `_simhash_scan.extend_codes` checks that and
+    packs the new keys in one call."""
+    groups, k_len, dim = keys.shape
     state = approx_state(module)
     kept = state.get("simhash_codes")
-    known = 0
     if kept is not None:
-        codes, count, ends, known_planes = kept
-        if codes.shape[0] == groups.shape[0] and known_planes is planes:
-            known = min(count, k_len)
-        if known and not (torch.equal(ends[0], groups[:, 0]) and torch.equal(ends[1], groups[:, known - 1])):
-            known = 0
-    if known == k_len:
-        return codes
-    if not known or codes.shape[1] < k_len:
-        # Room for the decode steps to come, so that each writes its key's code in place instead of copying all.
-        grown = torch.empty(groups.shape[0], k_len + max(64, k_len // 8), dtype=torch.int64)
-        if known:
-            grown[:, :known] = codes[:, :known]
-        codes = grown
-    projections = (groups[:, known:].float() @ planes).contiguous()
-    pack = row_kernel(kernels, "pack_codes", projections.shape[0] * projections.shape[1])
-    pack(projections.numpy(), codes.numpy(), known)
-    state["simhash_codes"] = (codes, k_len, (groups[:, 0].clone(), groups[:, -1].clone()), planes)
+        codes, known, first, last, known_planes = kept
+        if codes.shape[0] == groups and known_planes is planes and first.shape[1] == dim and 0 < known <= k_len:
+            if codes.shape[1] < k_len:
+                # Room for the decode steps to come, so that each writes its key's code in place instead of copying.
+                grown = np.empty((groups, k_len + max(64, k_len // 8)), dtype=np.int64)
+                grown[:, :known] = codes[:, :known]
+                codes = grown
+            projections = _projections(keys[:, known:], planes)
+            if kernels.extend_codes(projections, codes, known, keys.numpy(), first, last):
+                state["simhash_codes"] = (codes, k_len, first, last, planes)
+                return codes
+    codes = np.empty((groups, k_len + max(64, k_len // 8)), dtype=np.int64)
+    first, last = np.empty((groups, dim), dtype=np.float32), np.empty((groups, dim), dtype=np.float32)
+    kernels.extend_codes(_projections(keys, planes), codes, 0, keys.numpy(), first, last)
+    state["simhash_codes"] = (codes, k_len, first, last, planes)
     return codes
+
+
+def _projections(vectors: torch.Tensor, planes: torch.Tensor) -> np.ndarray:
+    """vectors (..., D) float32 @ planes (D, bits), contiguous. A decode step's few vectors go through numpy, whose
+    call costs a fifth of torch's at that size; each vector is projected once, so no code depends on the path."""
+    if vectors.numel() < 64 * vectors.shape[-1]:
+        return np.ascontiguousarray(vectors.numpy() @ planes.numpy())
+    return (vectors @ planes).contiguous().numpy()
 
 
 def _numba_kernel():  # type: ignore[no-untyped-def]
