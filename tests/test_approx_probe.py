@@ -235,3 +235,20 @@ def test_missing_scaling_defaults_to_one_over_sqrt_d() -> None:
     q, k, v = torch.randn(1, 4, 3, 16), torch.randn(1, 2, 3, 16), torch.randn(1, 2, 3, 16)
     hooked_attention(module, q, k, v, None, scaling=None)
     assert capture.calls[0]["scaling"] == pytest.approx(16**-0.5)
+
+
+def test_chunk_masks_are_causal_and_shared_within_a_forward() -> None:
+    """The causal masks handed to approximations: query i of a chunk sees keys 0..first + i, whatever order the
+    layers ask in, whatever the cache kept (a tiny budget keeps only the first), and a new number of keys (the next
+    forward) never gets an old one."""
+    from lm_eval_retrieval.attention.probes import _CausalMasks
+
+    masks = _CausalMasks(budget_bytes=2 * 5 * 12)
+    device = torch.device("cpu")
+    for k_len, chunks in ((12, [(2, 5), (7, 5), (0, 2)]), (13, [(12, 1), (2, 5)]), (12, [(7, 5), (2, 5)])):
+        for _layer in range(3):
+            for first, size in chunks:
+                got = masks(first, size, k_len, device)
+                own = torch.arange(first, first + size)[:, None]
+                assert torch.equal(got[0, 0], torch.arange(k_len)[None, :] <= own)
+    assert masks(7, 5, 12, device) is masks(7, 5, 12, device), "kept masks are shared, not rebuilt"

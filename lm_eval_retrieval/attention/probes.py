@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -37,12 +36,34 @@ def visible_mask(call: AttentionCall, q_start: int, q_end: int) -> torch.Tensor:
     return mask
 
 
-@functools.lru_cache(maxsize=4)
-def _causal_mask(first: int, size: int, k_len: int, device: torch.device) -> torch.Tensor:
-    """Bool (1, 1, size, k_len): query i sees keys 0..first + i. Every layer of a forward (and of a decode step)
-    asks for the same one, so it is built once and shared: read-only, like every mask an approximation gets."""
-    rows = torch.arange(first, first + size, device=device)[:, None]
-    return (torch.arange(k_len, device=device)[None, :] <= rows)[None, None]
+class _CausalMasks:
+    """The causal masks of one forward pass's chunks, each built once and shared by every layer: read-only, like
+    every mask an approximation gets. A prefill's layers ask for the same chunks in the same order, which a
+    least-recently-used cache smaller than the set would miss every time; so masks are kept as they come, up to
+    `budget_bytes`, and all are dropped when a call with another number of keys (the next forward) asks."""
+
+    def __init__(self, budget_bytes: int = 32 * 2**20) -> None:
+        self.budget_bytes = budget_bytes
+        self._k_len = -1
+        self._masks: dict[tuple[int, int, torch.device], torch.Tensor] = {}
+        self._bytes = 0
+
+    def __call__(self, first: int, size: int, k_len: int, device: torch.device) -> torch.Tensor:
+        """Bool (1, 1, size, k_len): query i sees keys 0..first + i."""
+        if k_len != self._k_len:
+            self._k_len, self._masks, self._bytes = k_len, {}, 0
+        key = (first, size, device)
+        mask = self._masks.get(key)
+        if mask is None:
+            rows = torch.arange(first, first + size, device=device)[:, None]
+            mask = (torch.arange(k_len, device=device)[None, :] <= rows)[None, None]
+            if self._bytes + mask.numel() <= self.budget_bytes:
+                self._masks[key] = mask
+                self._bytes += mask.numel()
+        return mask
+
+
+_causal_mask = _CausalMasks()
 
 
 def real_queries(visible: torch.Tensor, q_start: int, q_len: int) -> torch.Tensor:
