@@ -82,14 +82,16 @@ def _push(slot, key, dist, slot_key, below, top, held):  # pragma: no cover - co
 
 @numba.njit(inline="always", fastmath={"contract"})
 def _attend_row(
-    r, query_proj, key_codes, bits, row_group, visible, row_mask, row_end, query, keys, values, scaling, softcap,
-    ids, out, block, slot_key, below, scores, acc, top, held,
+    r, query_proj, key_codes, bits, row_group, visible, row_mask, counts, row_end, query, keys, values, scaling,
+    softcap, ids, out, block, slot_key, below, scores, acc, top, held,
 ):  # pragma: no cover - compiled
     k = ids.shape[1]
     key_len = visible.shape[1]
     far = np.int32(64)  # added to an invisible key's distance: beyond any level, never taken
     group, mask, code = row_group[r], visible[row_mask[r]].view(np.uint8), _code(query_proj[r])
     end, codes = row_end[row_mask[r]], key_codes[group]
+    # Every key before the end visible (a causal row without padding): no mask to read, which cost 40 % of the walk.
+    dense = counts[row_mask[r]] == end
     # One walk from the newest key back: the k best so far sit in `slot_key`, threaded per distance into stacks
     # (`top[d]` the slot last pushed at distance d, `below` the one pushed before it). Walking newest first, the
     # last key pushed at the worst distance is the oldest one there: the one to give up for a closer key, so ties
@@ -103,11 +105,17 @@ def _attend_row(
         lo = max(0, hi - BLOCK)
         span = hi - lo
         best = far
-        for t in range(span):
-            j = lo + t
-            dist = np.int32(_popcount(code ^ codes[j])) + (np.int32(1) - np.int32(mask[j])) * far
-            block[t] = dist
-            best = min(best, dist)
+        if dense:
+            for t in range(span):
+                dist = np.int32(_popcount(code ^ codes[lo + t]))
+                block[t] = dist
+                best = min(best, dist)
+        else:
+            for t in range(span):
+                j = lo + t
+                dist = np.int32(_popcount(code ^ codes[j])) + (np.int32(1) - np.int32(mask[j])) * far
+                block[t] = dist
+                best = min(best, dist)
         if best < worst or (filled < k and best < far):
             for t in range(span - 1, -1, -1):
                 dist = block[t]
@@ -187,8 +195,8 @@ def simhash_attend(
         block, slot_key, below, scores, acc, top, held = _scratch(ids.shape[1], values.shape[2])
         for r in range(p * rows // parts, (p + 1) * rows // parts):
             _attend_row(
-                r, query_proj, key_codes, bits, row_group, visible, row_mask, row_end, query, keys, values, scaling,
-                softcap, ids, out, block, slot_key, below, scores, acc, top, held,
+                r, query_proj, key_codes, bits, row_group, visible, row_mask, counts, row_end, query, keys, values,
+                scaling, softcap, ids, out, block, slot_key, below, scores, acc, top, held,
             )  # fmt: skip
 
 
@@ -203,6 +211,6 @@ def simhash_attend_serial(
     block, slot_key, below, scores, acc, top, held = _scratch(ids.shape[1], values.shape[2])
     for r in range(ids.shape[0]):
         _attend_row(
-            r, query_proj, key_codes, bits, row_group, visible, row_mask, row_end, query, keys, values, scaling,
-            softcap, ids, out, block, slot_key, below, scores, acc, top, held,
+            r, query_proj, key_codes, bits, row_group, visible, row_mask, counts, row_end, query, keys, values,
+            scaling, softcap, ids, out, block, slot_key, below, scores, acc, top, held,
         )  # fmt: skip
