@@ -97,7 +97,8 @@ def _simhash_kernel(  # type: ignore[no-untyped-def]
     kv_heads, k_len = key.shape[1], key.shape[2]
     k = min(topk, k_len)
     rows = batch * q_heads * q_len
-    query_proj = _projections(query.float().reshape(rows, dim), planes)
+    query_rows = query.float().reshape(rows, dim).contiguous()  # a copy where the model's query is a strided view
+    query_proj = _projections(query_rows, planes)
     keys = key.float().contiguous().view(batch * kv_heads, k_len, dim)
     key_codes = _key_codes(kernels, module, keys, planes)
     mask_heads = attention_mask.shape[1]
@@ -109,7 +110,7 @@ def _simhash_kernel(  # type: ignore[no-untyped-def]
     softcap = module_softcap(module) or 0.0
     row_kernel(kernels, "simhash_attend", rows)(
         query_proj, key_codes, planes.shape[1], row_group, mask.numpy(), row_mask, counts, row_end,
-        query.float().reshape(rows, dim).contiguous().numpy(), keys.numpy(),
+        query_rows.numpy(), keys.numpy(),
         value.float().contiguous().view(batch * kv_heads, k_len, -1).numpy(), float(scaling), float(softcap),
         ids.numpy(), out.numpy(),
     )  # fmt: skip
