@@ -64,6 +64,9 @@ def best_blocks_row(row, row_end, best, where, maxima, block_max, block_id, lane
     for j in range(k):
         best[j] = -np.inf
         where[j] = j
+    # k blocks reach the k-th largest block maximum, so none of the k largest scores is below it: a score under it
+    # is passed over without touching the list (which, starting empty, took every score until it filled).
+    floor = block_max[k - 1]
     for c in range(k + 1):
         if c < k:
             if block_max[c] == -np.inf:
@@ -74,7 +77,7 @@ def best_blocks_row(row, row_end, best, where, maxima, block_max, block_id, lane
             start, end = blocks * block, width
         for j in range(start, end):
             v = row[j]
-            if v > best[k - 1]:
+            if v >= floor and v > best[k - 1]:
                 insert_descending(best, where, k, v, j)
     if best[k - 1] == -np.inf:  # fewer than k finite scores: the placeholders name -inf entries, as torch.topk's do
         c = 0
