@@ -59,6 +59,14 @@ def sharing_chunk_logits(
         module.__dict__.pop("_lmr_chunk_logits", None)
 
 
+def seen_width(attention_mask: torch.Tensor, at_least: int = 1) -> int:
+    """One past the last key any query of this call may see (at least `at_least`, at most every key): a causal
+    chunk's later keys are invisible to all its rows, so a method that scores keys need not score them."""
+    seen = attention_mask.flatten(0, -2).any(0).nonzero()
+    width = int(seen[-1]) + 1 if seen.numel() else 1
+    return min(attention_mask.shape[-1], max(width, at_least))
+
+
 def soft_capped(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
     """`softcap * tanh(scores / softcap)` where the model soft-caps its attention logits (Gemma2), else `scores`."""
     return torch.tanh(scores / softcap).mul_(softcap) if softcap else scores

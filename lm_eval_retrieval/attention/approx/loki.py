@@ -25,7 +25,7 @@ import torch
 
 from ...errors import UserInputError
 from ..topk import topk_ids
-from .common import attend_valid, module_softcap, scores_against
+from .common import attend_valid, module_softcap, scores_against, seen_width
 from .contract import approx_args, method, report_scanned
 
 NEG_INF = float("-inf")
@@ -42,14 +42,15 @@ def loki(
     topk: int,
 ) -> tuple[torch.Tensor, None, torch.Tensor]:
     batch, q_heads, q_len, dim = query.shape
-    k_len = key.shape[2]
+    k = min(topk, key.shape[2])
+    k_len = seen_width(attention_mask, at_least=k)  # a causal chunk's later keys are seen by none of its queries
     rank = loki_rank(int(approx_args(module, loki)["rank"]), dim)
     basis = _basis(module, key)[:, :, :rank]  # (Hkv, D, r)
-    visible = attention_mask.expand(batch, -1, q_len, k_len)
+    visible = attention_mask[..., :k_len].expand(batch, -1, q_len, k_len)
     reduced_query = _project(query, basis)
-    reduced_key_t = _project(key, basis).transpose(-1, -2)
+    reduced_key_t = _project(key[:, :, :k_len], basis).transpose(-1, -2)
     approx = scores_against(reduced_query, reduced_key_t, scaling).masked_fill_(~visible, NEG_INF)
-    ids, valid = topk_ids(approx, min(topk, k_len))
+    ids, valid = topk_ids(approx, k)
     output = attend_valid(query, key, value, ids, valid, scaling, module_softcap(module))
     seen = visible.sum(-1).expand(batch, q_heads, q_len)
     report_scanned(module, seen * (rank / dim))

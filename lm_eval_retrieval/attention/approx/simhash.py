@@ -24,7 +24,7 @@ from ...errors import UserInputError
 from .._numba import numba_module
 from ..kernel_rows import mask_rows, row_groups, row_kernel
 from ..topk import row_topk
-from .common import attend_over_picked, module_softcap
+from .common import attend_over_picked, module_softcap, seen_width
 from .contract import approx_args, approx_state, method, report_scanned
 
 DEFAULT_BITS = 16
@@ -62,9 +62,7 @@ def simhash(
         return _simhash_kernel(kernel, module, query, key, value, attention_mask, scaling, topk, planes)
     _report_cost(module, attention_mask.sum(-1), (batch, q_heads, q_len), bits, dim, min(topk, key.shape[2]))
     kv_heads = key.shape[1]
-    # Keys after the last one any of these queries may see cannot be retrieved: score only up to it.
-    seen = attention_mask.flatten(0, -2).any(0).nonzero()
-    k_len = int(seen.max()) + 1 if seen.numel() else 1
+    k_len = seen_width(attention_mask)  # keys after the last one any of these queries may see cannot be retrieved
     visible = attention_mask[..., :k_len]
     query_code = _signs(query.float() @ planes).reshape(batch, kv_heads, (q_heads // kv_heads) * q_len, bits)
     key_code = _signs(key[:, :, :k_len].float() @ planes)

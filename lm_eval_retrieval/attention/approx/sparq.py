@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from ..topk import topk_ids
-from .common import attend_valid, module_softcap, scores_against, soft_capped, weighted_values
+from .common import attend_valid, module_softcap, scores_against, seen_width, soft_capped, weighted_values
 from .contract import approx_args, method, report_scanned
 
 NEG_INF = float("-inf")
@@ -37,20 +37,21 @@ def sparq(
     topk: int,
 ) -> tuple[torch.Tensor, None, torch.Tensor]:
     batch, q_heads, q_len, dim = query.shape
-    k_len = key.shape[2]
+    k = min(topk, key.shape[2])
+    # Keys no query of this call sees (a causal chunk's later ones) are neither scored nor summed.
+    k_len = seen_width(attention_mask, at_least=k)
     rank = sparq_rank(int(approx_args(module, sparq)["rank"]), dim)
-    visible = attention_mask.expand(batch, -1, q_len, k_len)
+    visible = attention_mask[..., :k_len].expand(batch, -1, q_len, k_len)
     softcap = module_softcap(module)
-    approx = _approximate_logits(query, key, rank, scaling, softcap).masked_fill_(~visible, NEG_INF)
-    k = min(topk, k_len)
+    approx = _approximate_logits(query, key[:, :, :k_len], rank, scaling, softcap).masked_fill_(~visible, NEG_INF)
     ids, valid = topk_ids(approx, k)
     # alpha: the approximate softmax mass of the k keys (a row that sees nothing has no valid id: alpha 0, and its
-    # NaN weights are never read)
+    # NaN weights are never read). torch's fused softmax costs a third of its logsumexp, which is not fused.
     weights = torch.softmax(approx, dim=-1)
     alpha = torch.where(valid, weights.gather(-1, ids), 0.0).sum(-1, keepdim=True)
     picked = attend_valid(query, key, value, ids, valid, scaling, softcap)
     seen = visible.sum(-1, keepdim=True).expand(batch, q_heads, q_len, 1)
-    mean_value = _visible_value_sum(visible, value, q_heads) / seen.clamp(min=1)
+    mean_value = _visible_value_sum(visible, value[:, :, :k_len], q_heads) / seen.clamp(min=1)
     output = alpha * picked + (1.0 - alpha) * mean_value
     output = torch.where(seen > 0, output, 0.0)
     report_scanned(module, seen.squeeze(-1) * (rank / dim) + seen.squeeze(-1).clamp(max=k))
