@@ -11,7 +11,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from ._topk_scan import PARTS, best_blocks_row, topk_scratch
+from ._topk_scan import PARTS, add_query, best_blocks_row, topk_scratch
 
 
 @numba.njit(inline="always", fastmath={"contract"})
@@ -112,11 +112,7 @@ def id_set_step(
             r, logits, lse, exact_scores, exact_ids, approx_ids, row_limit, mask, row_mask, approx_out, exact_out,
             hits, mass, used, error, exact_mass, marks,
         )  # fmt: skip
-        h = r % heads
-        sums[0, h] += 1.0
-        sums[1, h] += hits[r] / denominator
-        sums[2, h] += error[r]
-        sums[3, h] += exact_mass[r]
-        sums[4, h] += mass[r]
-        sums[5, h] += used[r] / keys_seen
-        sums[6, h] += scanned[r] / keys_seen
+        add_query(
+            sums, r % heads, hits[r] / denominator, error[r], exact_mass[r], mass[r], used[r] / keys_seen,
+            scanned[r] / keys_seen,
+        )  # fmt: skip

@@ -183,6 +183,19 @@ def attend_topk_serial(scores, ids, row_group, values, exact, lse, out, error, m
         _attend_row(r, scores, ids, row_group, values, exact, lse, out, error, mass)
 
 
+@numba.njit(inline="always")
+def add_query(sums, head, recall, error, exact_mass, approx_mass, attended, scanned):  # pragma: no cover - compiled
+    """One query's statistics added to a layer's sums (1 + 6, heads) at its head: the count first, then the fields
+    in `ApproxStats.FIELDS` order. Shared by the decode-step kernels, so that order is written once."""
+    sums[0, head] += 1.0
+    sums[1, head] += recall
+    sums[2, head] += error
+    sums[3, head] += exact_mass
+    sums[4, head] += approx_mass
+    sums[5, head] += attended
+    sums[6, head] += scanned
+
+
 @numba.njit(cache=True, nogil=True)
 def exact_step(rows, k, row_group, values, exact, lse, out, sums, heads, attended):  # pragma: no cover - compiled
     """A decode step of `exact_topk`, whole, on the calling thread: per row (one query of one head, rows in (batch,
@@ -200,11 +213,4 @@ def exact_step(rows, k, row_group, values, exact, lse, out, sums, heads, attende
         found = 0
         for j in range(k):
             found += scores[r, j] > -np.inf
-        h = r % heads
-        sums[0, h] += 1.0
-        sums[1, h] += found / k
-        sums[2, h] += error[r]
-        sums[3, h] += mass[r]
-        sums[4, h] += mass[r]
-        sums[5, h] += attended
-        sums[6, h] += 1.0
+        add_query(sums, r % heads, found / k, error[r], mass[r], mass[r], attended, 1.0)

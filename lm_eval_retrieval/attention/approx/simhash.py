@@ -76,10 +76,16 @@ def simhash(
 
 
 def _report_cost(
-    module: torch.nn.Module, visible: torch.Tensor, shape: tuple[int, int, int], bits: int, dim: int, k: int
+    module: torch.nn.Module, visible: torch.Tensor | np.ndarray, shape: tuple[int, int, int], bits: int, dim: int,
+    k: int,
 ) -> None:
-    """A bits-wide code compared with every visible key (bits / dim of a key vector each), then k exact scores."""
-    report_scanned(module, visible.expand(*shape) * (bits / dim) + k)
+    """A bits-wide code compared with every visible key (bits / dim of a key vector each), then k exact scores.
+    `visible`: each mask row's visible keys, (B, mask heads, Q) or flat; numpy from the kernel (the arithmetic there
+    costs a fraction of torch's per-operation overhead at a decode step's size)."""
+    scanned = torch.as_tensor(visible * (bits / dim) + k)
+    if scanned.dim() == 1:  # the kernel's counts, one per mask row in (B, mask heads, Q) order
+        scanned = scanned.view(shape[0], -1, shape[2])
+    report_scanned(module, scanned.expand(*shape))
 
 
 def _signs(projections: torch.Tensor) -> torch.Tensor:
@@ -113,8 +119,7 @@ def _simhash_kernel(  # type: ignore[no-untyped-def]
         ids.numpy(), out.numpy(),
     )  # fmt: skip
     shape = (batch, q_heads, q_len)
-    scanned = torch.from_numpy(counts * (planes.shape[1] / dim) + k)  # as _report_cost, without torch's op costs
-    report_scanned(module, scanned.view(batch, mask_heads, q_len).expand(shape))
+    _report_cost(module, counts, shape, planes.shape[1], dim, k)
     return out.view(*shape, -1), None, ids.view(*shape, k)
 
 
@@ -134,19 +139,24 @@ def _key_codes(kernels, module: torch.nn.Module, keys: torch.Tensor, planes: tor
         codes, known, first, last, known_planes = kept
         if codes.shape[0] == groups and known_planes is planes and first.shape[1] == dim and 0 < known <= k_len:
             if codes.shape[1] < k_len:
-                # Room for the decode steps to come, so that each writes its key's code in place instead of copying.
-                grown = np.empty((groups, k_len + max(64, k_len // 8)), dtype=np.int64)
+                grown = _code_buffer(groups, k_len)
                 grown[:, :known] = codes[:, :known]
                 codes = grown
             projections = _projections(keys[:, known:], planes)
             if kernels.extend_codes(projections, codes, known, keys.numpy(), first, last):
                 state["simhash_codes"] = (codes, k_len, first, last, planes)
                 return codes
-    codes = np.empty((groups, k_len + max(64, k_len // 8)), dtype=np.int64)
+    codes = _code_buffer(groups, k_len)
     first, last = np.empty((groups, dim), dtype=np.float32), np.empty((groups, dim), dtype=np.float32)
     kernels.extend_codes(_projections(keys, planes), codes, 0, keys.numpy(), first, last)
     state["simhash_codes"] = (codes, k_len, first, last, planes)
     return codes
+
+
+def _code_buffer(groups: int, k_len: int) -> np.ndarray:
+    """Room for k_len codes per group and for the decode steps to come, so that each writes its key's code in place
+    instead of copying all."""
+    return np.empty((groups, k_len + max(64, k_len // 8)), dtype=np.int64)
 
 
 def _projections(vectors: torch.Tensor, planes: torch.Tensor) -> np.ndarray:
