@@ -192,18 +192,32 @@ def test_streaming_kernel_names_the_ids_the_tensor_rule_names(
 
 @pytest.mark.parametrize("q_len", [1, 40])  # the serial kernel of a decode step and the parallel one
 @pytest.mark.parametrize("softcap", [None, 4.0])
-def test_attend_valid_kernel_equals_the_tensor_rule(q_len: int, softcap: float | None, monkeypatch) -> None:
+@pytest.mark.parametrize("given_scores", [False, True])
+def test_attend_valid_kernel_equals_the_tensor_rule(
+    q_len: int, softcap: float | None, given_scores: bool, monkeypatch
+) -> None:
+    """The kernel, and the kernel or the tensor rule reading the picked keys' scores from `scores`, against the
+    tensor rule that scores every picked key itself. The given scores are only as wide as the last valid id (the
+    probe's chunk width): an invalid slot past them must not be read."""
     torch.manual_seed(q_len)
     query, key, value = torch.randn(2, HQ, q_len, D) * 2, torch.randn(2, HKV, 50, D) * 2, torch.randn(2, HKV, 50, 6)
     ids = torch.randint(0, 50, (2, HQ, q_len, 7))
     ids[..., 1] = ids[..., 0]  # a repeated id counts twice where both slots are valid, as in the tensor rule
     valid = torch.rand(2, HQ, q_len, 7) < 0.7
     valid[0, 1] = False  # rows with nothing valid get 0
-    got = common_module.attend_valid(query, key, value, ids, valid, SCALING, softcap)
+    valid &= ids < 45
+    scores = None
+    if given_scores:  # an independent scoring: one plain matmul per query head against its KV head's keys
+        full = torch.einsum("bhqd,bhkd->bhqk", query, key.repeat_interleave(HQ // HKV, dim=1)) * SCALING
+        scores = (softcap * torch.tanh(full / softcap) if softcap else full)[..., :45].contiguous()
+    got = common_module.attend_valid(query, key, value, ids, valid, SCALING, softcap, scores)
     without_numba(monkeypatch, common_module)
     expected = common_module.attend_valid(query, key, value, ids, valid, SCALING, softcap)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert torch.all(got[0, 1] == 0)
+    if given_scores:
+        from_scores = common_module.attend_valid(query, key, value, ids, valid, SCALING, softcap, scores)
+        torch.testing.assert_close(from_scores, expected, rtol=1e-5, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------------------ h2o
@@ -453,29 +467,43 @@ def test_pick_kernel_equals_the_stable_sort(dtype: torch.dtype, monkeypatch: pyt
 
 
 @pytest.mark.parametrize("arch", ["llama", "mistral"])
-@pytest.mark.parametrize("fn", [h2o, snapkv])
+@pytest.mark.parametrize("fn", [h2o, snapkv, streaming, "sparq"])
 def test_reusing_the_probes_scores_changes_nothing(arch: str, fn, monkeypatch: pytest.MonkeyPatch) -> None:
     """h2o and snapkv read the scores the probe computed for its exact reference (`chunk_logits`), only as wide as
-    the chunk's last key; small chunks make that narrower than the cache. The analysis must equal the one where
-    each method scores every key itself."""
+    the chunk's last key; small chunks make that narrower than the cache. Every method reads the scores of the keys
+    it picked from them (`shared_scores`). The analysis must equal the one where each method scores every key
+    itself."""
     import contextlib
+    import importlib
 
     from lm_eval_retrieval.attention import probes as probes_module
+    from lm_eval_retrieval.attention._numba import numba_module
 
+    if isinstance(fn, str):
+        fn = getattr(importlib.import_module(f"lm_eval_retrieval.attention.approx.{fn}"), fn)
     ids, padding = _batch()
-    scored = []
+    scored, read = [], []
     own_scores = common_module.masked_logits
     monkeypatch.setattr(common_module, "masked_logits", lambda *args: scored.append(1) or own_scores(*args))
+    kernels = numba_module("approx._attend_scan")
+    for name in ("attend_scored", "attend_scored_serial"):
+        kernel = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *args, kernel=kernel: read.append(1) or kernel(*args))
     runs = []
     for share in (True, False):
         if not share:
             monkeypatch.setattr(probes_module, "sharing_chunk_logits", lambda *args: contextlib.nullcontext())
         scored.clear()
+        read.clear()
         probe, _, logits = analysed_run(tiny_model(arch), fn, ids, padding, chunk_elements=2**9)
-        assert bool(scored) != share  # the shared scores were used, and only where the probe shares them
+        if fn in (h2o, snapkv):
+            assert bool(scored) != share  # the shared scores were used, and only where the probe shares them
+        if fn is not snapkv:  # (snapkv's decode steps keep their prompt's selection, outside any probe)
+            assert bool(read) == share or fn is h2o  # (h2o scores its own keys where nothing is shared)
         runs.append((probe.stats, logits))
     (shared, shared_logits), (own, own_logits) = runs
     for field in ApproxStats.FIELDS:
         torch.testing.assert_close(shared.means(field), own.means(field), rtol=1e-5, atol=1e-6, equal_nan=True)
     for a, b in zip(shared_logits, own_logits):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+

@@ -18,3 +18,21 @@ def test_exp_matches_numpy_to_a_few_ulps(top: float) -> None:
     assert np.max(np.abs(got[normal] - expected[normal]) / expected[normal]) < 4e-16
     assert (got[~normal] == 0.0).all()  # below exp(-708) and -inf (an invisible key): exactly nothing
     assert total == pytest.approx(expected.sum(), rel=1e-14)
+
+
+def test_no_kernel_helper_inlines_away_its_fastmath_flags() -> None:
+    """numba compiles an `inline="always"` helper with its caller's flags, dropping its own fastmath (see
+    `_numba.py`): every kernel helper that asks for fastmath must be a plain njit function."""
+    import pathlib
+    import re
+
+    import lm_eval_retrieval.attention as attention
+
+    root = pathlib.Path(attention.__file__).parent
+    offenders = [
+        f"{path.relative_to(root)}:{number}"
+        for path in sorted(root.rglob("_*_scan.py"))
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if re.search(r"inline\s*=\s*\"always\".*fastmath|fastmath.*inline\s*=\s*\"always\"", line)
+    ]
+    assert len(list(root.rglob("_*_scan.py"))) >= 10 and not offenders, offenders

@@ -14,7 +14,7 @@ import numpy as np
 from ._topk_scan import PARTS, add_query, best_blocks_row, topk_scratch
 
 
-@numba.njit(inline="always", fastmath={"contract"})
+@numba.njit(fastmath={"contract"})
 def _row(
     r, logits, lse, exact_scores, exact_ids, approx_ids, row_limit, mask, row_mask, approx_out, exact_out,
     hits, mass, used, error, exact_mass, marks,

@@ -33,7 +33,7 @@ def visible_span(row):  # pragma: no cover - compiled
     return lo, hi
 
 
-@numba.njit(inline="always", fastmath={"nnan", "nsz"})
+@numba.njit(fastmath={"nnan", "nsz"})
 def count_and_top(row):  # pragma: no cover - compiled
     """(visible keys, largest logit as float64) of a float32 logits slice (-inf: invisible); two reductions the
     compiler vectorises (scores are never NaN: the flag lets it use the CPU's max)."""
@@ -46,7 +46,7 @@ def count_and_top(row):  # pragma: no cover - compiled
     return count, np.float64(top)
 
 
-@numba.njit(inline="always", fastmath={"contract", "nsz", "arcp"})
+@numba.njit(fastmath={"contract", "nsz", "arcp"})
 def exp_shifted(row, lo, hi, top, out, bits):  # pragma: no cover - compiled
     """out[j] = exp(row[j] - top) in float64 for j in [lo, hi) (0 where row[j] - top < -708, -inf included);
     returns their sum. `bits` is int64 scratch as long as `out`. No reassociation is allowed (fastmath flags above),
@@ -73,7 +73,7 @@ def exp_shifted(row, lo, hi, top, out, bits):  # pragma: no cover - compiled
     return _scaled_sum(row[lo:hi], top, out[lo:hi], bits.view(np.float64)[lo:hi])
 
 
-@numba.njit(inline="always", fastmath={"reassoc", "contract", "nsz", "arcp"})  # not "ninf": -inf is an input
+@numba.njit(fastmath={"reassoc", "contract", "nsz", "arcp"})  # not "ninf": -inf is an input
 def _scaled_sum(row, top, out, scale):  # pragma: no cover - compiled
     """out *= scale (0 below exp(-708)); returns the sum, in whatever order the vector lanes add it (a strict
     left-to-right sum would be a chain of dependent adds, one element at a time)."""

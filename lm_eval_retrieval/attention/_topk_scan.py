@@ -131,7 +131,7 @@ def best_blocks_scan_serial(rows, ends, values, indices):  # pragma: no cover - 
         best_blocks_row(rows[r], ends[r], values[r], indices[r], maxima, block_max, block_id, lanes)
 
 
-@numba.njit(inline="always", fastmath={"contract"})
+@numba.njit(fastmath={"contract"})
 def _attend_row(r, scores, ids, row_group, values, exact, lse, out, error, mass):  # pragma: no cover - compiled
     k = scores.shape[1]
     dim = values.shape[2]

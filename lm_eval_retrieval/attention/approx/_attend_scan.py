@@ -16,7 +16,7 @@ import numpy as np
 from .._topk_scan import PARTS
 
 
-@numba.njit(inline="always", fastmath={"contract", "reassoc", "nsz"})
+@numba.njit(fastmath={"contract", "reassoc", "nsz"})
 def key_score(r, query, keys, group, j, scaling, softcap):  # pragma: no cover - compiled
     """The scaled (and soft-capped where softcap > 0) score of query row r against key j of group `group`.
 
@@ -31,20 +31,28 @@ def key_score(r, query, keys, group, j, scaling, softcap):  # pragma: no cover -
     return s
 
 
-@numba.njit(inline="always", fastmath={"contract"})
+@numba.njit(fastmath={"contract"})
 def attend_picked_row(r, query, keys, values, group, picked, count, scaling, softcap, scores, acc, out):  # pragma: no cover
     """out[r] = softmax attention of query[r] over the keys picked[:count] of group `group` (0 if count is 0);
-    scores (>= count) and acc (value dim) are the caller's scratch. Shared with simhash's kernel."""
-    value_dim = values.shape[2]
-    if count == 0:
-        for d in range(value_dim):
-            out[r, d] = 0.0
-        return
+    scores (>= count) and acc (value dim) are the caller's scratch. Shared with simhash's, quest's and ivf's
+    kernels."""
     top = -np.inf
     for c in range(count):
         s = key_score(r, query, keys, group, picked[c], scaling, softcap)
         scores[c] = s
         top = max(top, s)
+    softmax_values_row(r, values, group, picked, count, scores, top, acc, out)
+
+
+@numba.njit(fastmath={"contract"})
+def softmax_values_row(r, values, group, picked, count, scores, top, acc, out):  # pragma: no cover - compiled
+    """out[r] = the softmax of scores[:count] (largest `top`) over the values picked[:count] of group `group`; 0 if
+    count is 0."""
+    value_dim = values.shape[2]
+    if count == 0:
+        for d in range(value_dim):
+            out[r, d] = 0.0
+        return
     for d in range(value_dim):
         acc[d] = 0.0
     total = 0.0
@@ -93,6 +101,40 @@ def attend_ids_serial(query, keys, values, row_group, ids, valid, scaling, softc
     picked, scores, acc = _scratch(ids.shape[1], values.shape[2])
     for r in range(ids.shape[0]):
         _attend_row(r, query, keys, values, row_group, ids, valid, scaling, softcap, picked, scores, acc, out)
+
+
+@numba.njit(inline="always")
+def _scored_row(r, logits, values, row_group, ids, valid, picked, scores, acc, out):  # pragma: no cover - compiled
+    count = 0
+    top = -np.inf
+    for c in range(ids.shape[1]):
+        j = ids[r, c]
+        if valid[r, c] and j < logits.shape[1]:  # (a valid id is a visible key, which the scores cover)
+            picked[count] = j
+            scores[count] = logits[r, j]
+            top = max(top, scores[count])
+            count += 1
+    softmax_values_row(r, values, row_group[r], picked, count, scores, top, acc, out)
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def attend_scored(logits, values, row_group, ids, valid, out):  # pragma: no cover - compiled
+    """`attend_ids` where the exact scores are already known: logits (R, W) holds row r's score of every key a
+    valid slot can name (as the probe scored them), so each picked key costs one read instead of a dot product."""
+    rows = ids.shape[0]
+    parts = min(rows, PARTS)
+    for p in numba.prange(parts):
+        picked, scores, acc = _scratch(ids.shape[1], values.shape[2])
+        for r in range(p * rows // parts, (p + 1) * rows // parts):
+            _scored_row(r, logits, values, row_group, ids, valid, picked, scores, acc, out)
+
+
+@numba.njit(cache=True, nogil=True)
+def attend_scored_serial(logits, values, row_group, ids, valid, out):  # pragma: no cover - compiled
+    """`attend_scored` on the calling thread."""
+    picked, scores, acc = _scratch(ids.shape[1], values.shape[2])
+    for r in range(ids.shape[0]):
+        _scored_row(r, logits, values, row_group, ids, valid, picked, scores, acc, out)
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)

@@ -14,7 +14,7 @@ from .._topk_scan import insert_descending
 from ._pick_scan import fill_invisible, take_ranked, take_recent
 
 
-@numba.njit(inline="always", fastmath={"contract", "nsz"})
+@numba.njit(fastmath={"contract", "nsz"})
 def _accumulate(weights, scale, acc):  # pragma: no cover - compiled
     """acc += weights x scale (slices: vectorised)."""
     for j in range(weights.shape[0]):

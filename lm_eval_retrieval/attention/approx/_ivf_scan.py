@@ -17,7 +17,7 @@ from .._topk_scan import PARTS, insert_descending
 from ._attend_scan import attend_picked_row, key_score
 
 
-@numba.njit(inline="always", fastmath={"contract"})
+@numba.njit(fastmath={"contract"})
 def _row(
     r, query, keys, values, row_group, visible, row_mask, lists, probed, sinks, window, scaling, softcap, ids,
     searched, out, best, where, picked, scores, acc,

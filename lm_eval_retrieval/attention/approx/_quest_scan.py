@@ -39,7 +39,7 @@ def partial_bounds(query, keys, group, page, seen, size, scaling, out):  # pragm
         out[n] = total * scaling
 
 
-@numba.njit(inline="always", fastmath={"contract"})
+@numba.njit(fastmath={"contract"})
 def _row(
     r, query, keys, values, row_group, visible, row_mask, order, read, size, scaling, softcap, hidden, ids, out,
     best, where, scores, acc,

@@ -80,7 +80,7 @@ def _push(slot, key, dist, slot_key, below, top, held):  # pragma: no cover - co
     held[dist] += 1
 
 
-@numba.njit(inline="always", fastmath={"contract"})
+@numba.njit(fastmath={"contract"})
 def _attend_row(
     r, query_proj, key_codes, bits, row_group, visible, row_mask, counts, row_end, query, keys, values, scaling,
     softcap, ids, out, block, slot_key, below, scores, acc, top, held,

@@ -19,7 +19,7 @@ from .._topk_scan import insert_descending
 from ._pick_scan import fill_invisible, take_ranked, take_recent
 
 
-@numba.njit(inline="always", fastmath={"contract", "nsz", "nnan", "ninf"})
+@numba.njit(fastmath={"contract", "nsz", "nnan", "ninf"})
 def _pool(votes, first, end, half, kernel, average, pooled):  # pragma: no cover - compiled
     """pooled[c] for c in [first, end): the max (or the sum / kernel) of votes[c - half, c - half + kernel), clipped
     to the votes that exist (all finite and >= 0); one pass per offset over slices, which the compiler vectorises
@@ -46,7 +46,7 @@ def _pool(votes, first, end, half, kernel, average, pooled):  # pragma: no cover
             pooled[c] /= kernel
 
 
-@numba.njit(inline="always", fastmath={"contract", "nsz"})
+@numba.njit(fastmath={"contract", "nsz"})
 def _enter(weights, scale, ring_row, running):  # pragma: no cover - compiled
     """A row's softmax (weights x scale) into its ring slot and the running sum (slices: vectorised)."""
     for j in range(weights.shape[0]):
@@ -55,7 +55,7 @@ def _enter(weights, scale, ring_row, running):  # pragma: no cover - compiled
         running[j] += p
 
 
-@numba.njit(inline="always", fastmath={"contract", "nsz"})
+@numba.njit(fastmath={"contract", "nsz"})
 def _votes(row, running, votes):  # pragma: no cover - compiled
     """votes = the running sum on visible keys (>= 0 whatever its rounding), 0 elsewhere (slices: vectorised)."""
     for c in range(row.shape[0]):

@@ -48,15 +48,28 @@ def chunk_logits(
 
 @contextlib.contextmanager
 def sharing_chunk_logits(
-    module: torch.nn.Module, query: torch.Tensor, visible: torch.Tensor, logits: Callable[[], torch.Tensor]
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    visible: torch.Tensor,
+    logits: Callable[[], torch.Tensor],
+    raw: torch.Tensor | None = None,
 ) -> Iterator[None]:
     """While the probe calls a method on a chunk, `chunk_logits` of that (query, visible) pair returns `logits()`
-    (a callable, so that the probe's scores are masked only if a method reads them)."""
-    module.__dict__["_lmr_chunk_logits"] = (query, visible, logits)
+    (a callable, so that the probe's scores are masked only if a method reads them), and `shared_scores` of that
+    query returns `raw`: the same scores, possibly unmasked, which are exact wherever a key is visible."""
+    module.__dict__["_lmr_chunk_logits"] = (query, visible, logits, raw)
     try:
         yield
     finally:
         module.__dict__.pop("_lmr_chunk_logits", None)
+
+
+def shared_scores(module: torch.nn.Module, query: torch.Tensor) -> torch.Tensor | None:
+    """The probe's exact scores of `query` (B, Hq, Q, W) when it is analysing this very chunk, else None (nothing
+    is computed). Read-only; exact for every key the chunk's queries see (W is one past the last such key), not
+    masked otherwise: a method passes them to `attend_valid` so that the keys it picked are not scored again."""
+    shared = module.__dict__.get("_lmr_chunk_logits")
+    return shared[3] if shared is not None and shared[0] is query else None
 
 
 def seen_width(attention_mask: torch.Tensor, at_least: int = 1) -> int:
@@ -155,25 +168,41 @@ def attend_valid(
     valid: torch.Tensor,
     scaling: float,
     softcap: float | None = None,
+    scores: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Exact softmax attention over the slots of `ids` (B, Hq, Q, k) where `valid` -> (B, Hq, Q, D) float32; a row
-    with no valid slot gets 0. On a CPU one numba pass per row (`_attend_scan.py`) reads the picked keys in place."""
+    with no valid slot gets 0. On a CPU one numba pass per row (`_attend_scan.py`) reads the picked keys in place.
+
+    `scores` (B, Hq, Q, W), where the caller has them (`shared_scores`): the exact scaled, soft-capped scores of
+    the queries against every key a valid slot can name; each picked key is then read from them instead of being
+    scored again (a dot product per key, most of this step's cost)."""
     kernels = numba_module("approx._attend_scan") if query.device.type == "cpu" else None
-    if kernels is None:
-        scores = torch.matmul(picked_rows(key, ids).float(), (query.float() * scaling).unsqueeze(-1)).squeeze(-1)
-        scores = soft_capped(scores, softcap).masked_fill_(~valid, float("-inf"))
-        return weighted_ids(torch.softmax(scores, dim=-1).nan_to_num_(0.0), ids, value)
     batch, q_heads, q_len, dim = query.shape
+    if scores is not None and scores.shape[:3] != ids.shape[:3]:
+        scores = None
+    if kernels is None:
+        if scores is not None:
+            picked = scores.gather(-1, ids.clamp(max=scores.shape[-1] - 1))
+        else:
+            picked = torch.matmul(picked_rows(key, ids).float(), (query.float() * scaling).unsqueeze(-1)).squeeze(-1)
+            picked = soft_capped(picked, softcap)
+        weights = torch.softmax(picked.masked_fill_(~valid, float("-inf")), dim=-1).nan_to_num_(0.0)
+        return weighted_ids(weights, ids, value)
     kv_heads, k_len = key.shape[1], key.shape[2]
     rows, k = batch * q_heads * q_len, ids.shape[-1]
     out = torch.empty(rows, value.shape[-1])
+    groups = row_groups(batch, q_heads, kv_heads, q_len)
+    values = value.float().contiguous().view(batch * kv_heads, k_len, -1).numpy()
+    flat_ids = ids.reshape(rows, k).contiguous().numpy()
+    flat_valid = valid.expand(ids.shape).reshape(rows, k).contiguous().numpy()
+    if scores is not None:
+        flat_scores = scores.float().reshape(rows, scores.shape[-1]).contiguous().numpy()
+        row_kernel(kernels, "attend_scored", rows)(flat_scores, values, groups, flat_ids, flat_valid, out.numpy())
+        return out.view(batch, q_heads, q_len, -1)
     row_kernel(kernels, "attend_ids", rows)(
         query.float().reshape(rows, dim).contiguous().numpy(),
-        key.float().contiguous().view(batch * kv_heads, k_len, dim).numpy(),
-        value.float().contiguous().view(batch * kv_heads, k_len, -1).numpy(),
-        row_groups(batch, q_heads, kv_heads, q_len), ids.reshape(rows, k).contiguous().numpy(),
-        valid.expand(ids.shape).reshape(rows, k).contiguous().numpy(), float(scaling), float(softcap or 0.0),
-        out.numpy(),
+        key.float().contiguous().view(batch * kv_heads, k_len, dim).numpy(), values, groups, flat_ids, flat_valid,
+        float(scaling), float(softcap or 0.0), out.numpy(),
     )  # fmt: skip
     return out.view(batch, q_heads, q_len, -1)
 

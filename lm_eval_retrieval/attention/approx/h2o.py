@@ -38,7 +38,7 @@ from ._cache_common import (
     visible_ranks,
 )
 from .._numba import numba_module
-from .common import attend_valid, chunk_logits, masked_logits, module_softcap
+from .common import attend_valid, chunk_logits, masked_logits, module_softcap, shared_scores
 from .contract import approx_args, approx_state, method, report_scanned
 
 
@@ -75,7 +75,7 @@ def h2o(
         )  # fmt: skip
         state["h2o_acc"] = (acc, offset)
         report_scanned(module, counts.float())
-        return attend_valid(query, key, value, ids, valid, scaling, softcap), None, ids
+        return attend_valid(query, key, value, ids, valid, scaling, softcap, logits), None, ids
     logits = masked_logits(query, key, visible, scaling, softcap).to(precise_dtype(query))
     probs = torch.softmax(logits, dim=-1).nan_to_num_(0.0)
     state = approx_state(module)
@@ -86,7 +86,8 @@ def h2o(
     composite = torch.where(recent, float("inf"), torch.where(visible, before, PLACEHOLDER))
     ids, valid = pick(composite, min(topk, k_len))
     report_scanned(module, count.squeeze(-1).expand(batch, q_heads, q_len).float())
-    return attend_valid(query, key, value, ids, valid, scaling, softcap), None, ids
+    scores = shared_scores(module, query)
+    return attend_valid(query, key, value, ids, valid, scaling, softcap, scores), None, ids
 
 
 def accumulated_before(state: dict[str, Any], probs: torch.Tensor, offset: int) -> torch.Tensor:

@@ -25,7 +25,7 @@ import torch
 
 from ...errors import UserInputError
 from ..topk import topk_ids
-from .common import attend_valid, module_softcap, scores_against, seen_width
+from .common import attend_valid, module_softcap, scores_against, seen_width, shared_scores
 from .contract import approx_args, method, report_scanned
 
 NEG_INF = float("-inf")
@@ -51,7 +51,9 @@ def loki(
     reduced_key_t = _project(key[:, :, :k_len], basis).transpose(-1, -2)
     approx = scores_against(reduced_query, reduced_key_t, scaling).masked_fill_(~visible, NEG_INF)
     ids, valid = topk_ids(approx, k)
-    output = attend_valid(query, key, value, ids, valid, scaling, module_softcap(module))
+    output = attend_valid(
+        query, key, value, ids, valid, scaling, module_softcap(module), shared_scores(module, query)
+    )
     seen = visible.sum(-1).expand(batch, q_heads, q_len)
     report_scanned(module, seen * (rank / dim))
     return output, None, ids

@@ -42,7 +42,7 @@ from ._cache_common import (
     visible_ranks,
 )
 from .._numba import numba_module
-from .common import attend_valid, chunk_logits, masked_logits, module_softcap
+from .common import attend_valid, chunk_logits, masked_logits, module_softcap, shared_scores
 from .contract import approx_args, approx_state, method, report_scanned
 
 
@@ -76,7 +76,7 @@ def snapkv(
             ids, valid = prompt_ids(state, query, key, visible, scaling, softcap, topk, args, start, offset)
             counts = visible.sum(-1).expand(batch, q_heads, q_len)
         report_scanned(module, counts.float())
-    return attend_valid(query, key, value, ids, valid, scaling, softcap), None, ids
+    return attend_valid(query, key, value, ids, valid, scaling, softcap, shared_scores(module, query)), None, ids
 
 
 def window_size(args: dict[str, Any], topk: int) -> int:

@@ -20,7 +20,15 @@ from __future__ import annotations
 import torch
 
 from ..topk import topk_ids
-from .common import attend_valid, module_softcap, scores_against, seen_width, soft_capped, weighted_values
+from .common import (
+    attend_valid,
+    module_softcap,
+    scores_against,
+    seen_width,
+    shared_scores,
+    soft_capped,
+    weighted_values,
+)
 from .contract import approx_args, method, report_scanned
 
 NEG_INF = float("-inf")
@@ -49,7 +57,7 @@ def sparq(
     # NaN weights are never read). torch's fused softmax costs a third of its logsumexp, which is not fused.
     weights = torch.softmax(approx, dim=-1)
     alpha = torch.where(valid, weights.gather(-1, ids), 0.0).sum(-1, keepdim=True)
-    picked = attend_valid(query, key, value, ids, valid, scaling, softcap)
+    picked = attend_valid(query, key, value, ids, valid, scaling, softcap, shared_scores(module, query))
     seen = visible.sum(-1, keepdim=True).expand(batch, q_heads, q_len, 1)
     mean_value = _visible_value_sum(visible, value[:, :, :k_len], q_heads) / seen.clamp(min=1)
     output = alpha * picked + (1.0 - alpha) * mean_value

@@ -20,7 +20,7 @@ import torch
 
 from .._numba import numba_module
 from ._cache_common import EXCLUDED, PLACEHOLDER, pick, visible_ranks
-from .common import attend_valid, module_softcap
+from .common import attend_valid, module_softcap, shared_scores
 from .contract import approx_args, method, report_scanned
 
 
@@ -41,7 +41,8 @@ def streaming(
     shape = (batch, q_heads, q_len, ids.shape[-1])
     ids, valid = ids.expand(shape).contiguous(), valid.expand(shape)
     report_scanned(module, 0.0)
-    return attend_valid(query, key, value, ids, valid, scaling, module_softcap(module)), None, ids
+    softcap = module_softcap(module)
+    return attend_valid(query, key, value, ids, valid, scaling, softcap, shared_scores(module, query)), None, ids
 
 
 def streaming_ids(visible: torch.Tensor, sinks: int, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
