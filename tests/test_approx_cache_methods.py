@@ -277,6 +277,35 @@ def test_h2o_accumulation_equals_a_loop_over_queries() -> None:
         torch.testing.assert_close(acc[b, h], torch.tensor(expected, dtype=torch.float64), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("ratio", [0.5, 0.875])
+def test_h2o_kernel_equals_the_tensor_rule_on_long_rows(ratio: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows of hundreds of keys, where the kernel passes over whole blocks of keys that cannot be heavy hitters
+    (the previous row's heavy hitters bound the row's from below): the same ids, order and flags as the tensor rule,
+    which ranks every key, in two chunks (the second starts without a previous row), with left padding."""
+    torch.manual_seed(11)
+    n, topk = 300, 16
+    query, key, value = torch.randn(B, HQ, n, D), torch.randn(B, HKV, n, D), torch.randn(B, HKV, n, D)
+    key[:, :, [3, 40, 41, 150]] *= 4  # a few keys that gather attention (heavy hitters), as sinks do
+    visible = torch.ones(B, 1, n, n, dtype=torch.bool).tril()
+    visible[0, :, :, :PAD] = False
+    visible[0, :, :PAD] = False
+    runs = []
+    for numba in (True, False):
+        if not numba:
+            monkeypatch.setattr(h2o_module, "numba_module", lambda name: None)
+        module = module_with({"heavy_ratio": ratio})
+        reset_state(module)
+        chunks = [h2o(module, query[:, :, a:b], key[:, :, :b], value[:, :, :b], visible[:, :, a:b, :b], SCALING, topk)
+                  for a, b in ((0, 170), (170, n))]  # fmt: skip
+        runs.append(chunks)
+    for (start, end), (out, _, ids), (out_t, _, ids_t) in zip(((0, 170), (170, n)), *runs):
+        many = visible[:, :, start:end, :end].sum(-1).expand(ids.shape[:3]) > topk  # rows that choose
+        assert bool(many.any()) and torch.equal(ids[many], ids_t[many])
+        for where in (~many).nonzero().tolist():  # a row that sees at most topk keys takes them all, in any order
+            assert set(ids[tuple(where)].tolist()) == set(ids_t[tuple(where)].tolist())
+        torch.testing.assert_close(out, out_t, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("numba", [True, False])
 def test_h2o_with_a_sliding_cache_that_drops_keys(numba: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     if not numba:

@@ -10,7 +10,7 @@ import numba
 import numpy as np
 
 from .._softmax_scan import count_and_top, exp_shifted, visible_span
-from .._topk_scan import insert_descending
+from .._topk_scan import BLOCK, insert_descending
 from ._pick_scan import fill_invisible, take_ranked, take_recent
 
 
@@ -19,6 +19,31 @@ def _accumulate(weights, scale, acc):  # pragma: no cover - compiled
     """acc += weights x scale (slices: vectorised)."""
     for j in range(weights.shape[0]):
         acc[j] += weights[j] * scale
+
+
+@numba.njit(fastmath={"nnan", "nsz"})
+def _largest(values):  # pragma: no cover - compiled
+    """The largest of a float64 slice (a reduction the compiler vectorises; accumulated attention is never NaN)."""
+    top = -np.inf
+    for j in range(values.shape[0]):
+        top = values[j] if values[j] > top else top
+    return top
+
+
+@numba.njit(inline="always")
+def _heavy_floor(row, acc, oldest, previous, held):  # pragma: no cover - compiled
+    """A lower bound on this row's heavy-th largest accumulated attention among its older keys: the least acc of the
+    previous row's heavy hitters, where all of them are older keys this row sees too (acc only grows along a
+    sequence, so they still hold at least that much). -inf where that does not hold."""
+    if held == 0:
+        return -np.inf
+    floor = np.inf
+    for h in range(held):
+        j = previous[h]
+        if j >= oldest or not row[j] > -np.inf:
+            return -np.inf
+        floor = min(floor, acc[j])
+    return floor
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
@@ -31,6 +56,9 @@ def h2o_select(logits, acc, heavy, ids, valid, counts):  # pragma: no cover - co
       row; a row that sees at most k keys takes them all, and the rest of its ids are its invisible keys, most
       recent first; valid[g, i] marks the chosen ids. Order: as `_cache_common.pick` ranks them;
     * then acc[g] += the row's exact softmax (float64).
+
+    The heavy hitters are looked for newest first, BLOCK keys at a time: a block whose largest acc cannot enter the
+    list (below `_heavy_floor`, or not above the list's last entry once it is full) is passed over whole.
     """
     groups, rows, width = logits.shape
     k = ids.shape[2]
@@ -38,8 +66,11 @@ def h2o_select(logits, acc, heavy, ids, valid, counts):  # pragma: no cover - co
     for g in numba.prange(groups):
         best_acc = np.empty(heavy, dtype=np.float64)
         best_id = np.empty(heavy, dtype=np.int64)
+        previous = np.empty(heavy, dtype=np.int64)
+        previous_held = 0
         weights = np.empty(width, dtype=np.float64)
         bits = np.empty(width, dtype=np.int64)
+        sums = acc[g]
         for i in range(rows):
             row = logits[g, i]
             lo, hi = visible_span(row)
@@ -47,21 +78,30 @@ def h2o_select(logits, acc, heavy, ids, valid, counts):  # pragma: no cover - co
             counts[g, i] = total
             if total <= k:  # every visible key, most recent first
                 found, _ = take_recent(row, total, ids[g, i], valid[g, i], 0)
+                previous_held = 0
             else:
                 # The recent window: the last recent_count visible keys, most recent first.
                 found, oldest = take_recent(row, recent_count, ids[g, i], valid[g, i], 0)
-                j = oldest - 1
                 # Heavy hitters among the older visible keys: newest first, so an equal acc never displaces
                 # a more recent key; best_* kept sorted by acc descending.
+                floor = _heavy_floor(row, sums, oldest, previous, previous_held) if heavy > 0 else np.inf
                 held = 0
-                while j >= 0 and heavy > 0:
-                    if row[j] > -np.inf and (held < heavy or acc[g, j] > best_acc[held - 1]):
-                        held = insert_descending(best_acc, best_id, held, acc[g, j], j)
-                    j -= 1
+                end = oldest
+                while end > 0 and heavy > 0:
+                    start = max(end - BLOCK, 0)
+                    largest = _largest(sums[start:end])
+                    if largest >= floor and (held < heavy or largest > best_acc[held - 1]):
+                        for j in range(end - 1, start - 1, -1):
+                            a = sums[j]
+                            if row[j] > -np.inf and a >= floor and (held < heavy or a > best_acc[held - 1]):
+                                held = insert_descending(best_acc, best_id, held, a, j)
+                    end = start
                 found = take_ranked(best_id, held, ids[g, i], valid[g, i], found)
+                previous[:held] = best_id[:held]
+                previous_held = held if held == heavy else 0
             fill_invisible(row, ids[g, i], valid[g, i], found)  # where fewer than k were chosen
             if total == 0:
                 continue
             # The row's softmax over its visible span, added to the accumulation (the kernel's main cost).
             scale = 1.0 / exp_shifted(row, lo, hi, top, weights, bits)
-            _accumulate(weights[lo:hi], scale, acc[g, lo:hi])
+            _accumulate(weights[lo:hi], scale, sums[lo:hi])
