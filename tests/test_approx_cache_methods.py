@@ -277,11 +277,13 @@ def test_h2o_accumulation_equals_a_loop_over_queries() -> None:
         torch.testing.assert_close(acc[b, h], torch.tensor(expected, dtype=torch.float64), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("ratio", [0.5, 0.875])
-def test_h2o_kernel_equals_the_tensor_rule_on_long_rows(ratio: float, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Rows of hundreds of keys, where the kernel passes over whole blocks of keys that cannot be heavy hitters
-    (the previous row's heavy hitters bound the row's from below): the same ids, order and flags as the tensor rule,
-    which ranks every key, in two chunks (the second starts without a previous row), with left padding."""
+@pytest.mark.parametrize(("fn", "args"), [("h2o", {"heavy_ratio": 0.5}), ("h2o", {"heavy_ratio": 0.875}),
+                                          ("snapkv", {"window": 4}), ("snapkv", {"window": 8, "kernel": 3})])  # fmt: skip
+def test_eviction_kernels_equal_the_tensor_rules_on_long_rows(fn: str, args: dict, monkeypatch) -> None:
+    """Rows of hundreds of keys, where the kernels pass over whole blocks of keys that cannot enter their lists
+    (h2o: the previous row's heavy hitters bound the row's from below; both: once the list is full, by its last
+    entry): the same ids, order and flags as the tensor rules, which rank every key, in two chunks (the second
+    starts without a previous row), with left padding."""
     torch.manual_seed(11)
     n, topk = 300, 16
     query, key, value = torch.randn(B, HQ, n, D), torch.randn(B, HKV, n, D), torch.randn(B, HKV, n, D)
@@ -289,14 +291,15 @@ def test_h2o_kernel_equals_the_tensor_rule_on_long_rows(ratio: float, monkeypatc
     visible = torch.ones(B, 1, n, n, dtype=torch.bool).tril()
     visible[0, :, :, :PAD] = False
     visible[0, :, :PAD] = False
+    method, module_of = {"h2o": (h2o, h2o_module), "snapkv": (snapkv, snapkv_module)}[fn]
     runs = []
     for numba in (True, False):
         if not numba:
-            monkeypatch.setattr(h2o_module, "numba_module", lambda name: None)
-        module = module_with({"heavy_ratio": ratio})
+            monkeypatch.setattr(module_of, "numba_module", lambda name: None)
+        module = module_with(args)
         reset_state(module)
-        chunks = [h2o(module, query[:, :, a:b], key[:, :, :b], value[:, :, :b], visible[:, :, a:b, :b], SCALING, topk)
-                  for a, b in ((0, 170), (170, n))]  # fmt: skip
+        chunks = [method(module, query[:, :, a:b], key[:, :, :b], value[:, :, :b], visible[:, :, a:b, :b], SCALING,
+                         topk) for a, b in ((0, 170), (170, n))]  # fmt: skip
         runs.append(chunks)
     for (start, end), (out, _, ids), (out_t, _, ids_t) in zip(((0, 170), (170, n)), *runs):
         many = visible[:, :, start:end, :end].sum(-1).expand(ids.shape[:3]) > topk  # rows that choose

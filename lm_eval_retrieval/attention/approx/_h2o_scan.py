@@ -11,7 +11,7 @@ import numpy as np
 
 from .._softmax_scan import count_and_top, exp_shifted, visible_span
 from .._topk_scan import BLOCK, insert_descending
-from ._pick_scan import fill_invisible, take_ranked, take_recent
+from ._pick_scan import fill_invisible, largest, take_ranked, take_recent
 
 
 @numba.njit(fastmath={"contract", "nsz"})
@@ -19,15 +19,6 @@ def _accumulate(weights, scale, acc):  # pragma: no cover - compiled
     """acc += weights x scale (slices: vectorised)."""
     for j in range(weights.shape[0]):
         acc[j] += weights[j] * scale
-
-
-@numba.njit(fastmath={"nnan", "nsz"})
-def _largest(values):  # pragma: no cover - compiled
-    """The largest of a float64 slice (a reduction the compiler vectorises; accumulated attention is never NaN)."""
-    top = -np.inf
-    for j in range(values.shape[0]):
-        top = values[j] if values[j] > top else top
-    return top
 
 
 @numba.njit(inline="always")
@@ -89,8 +80,8 @@ def h2o_select(logits, acc, heavy, ids, valid, counts):  # pragma: no cover - co
                 end = oldest
                 while end > 0 and heavy > 0:
                     start = max(end - BLOCK, 0)
-                    largest = _largest(sums[start:end])
-                    if largest >= floor and (held < heavy or largest > best_acc[held - 1]):
+                    most = largest(sums[start:end])
+                    if most >= floor and (held < heavy or most > best_acc[held - 1]):
                         for j in range(end - 1, start - 1, -1):
                             a = sums[j]
                             if row[j] > -np.inf and a >= floor and (held < heavy or a > best_acc[held - 1]):

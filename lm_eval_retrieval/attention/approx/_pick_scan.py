@@ -72,3 +72,13 @@ def fill_invisible(row, ids, valid, found):  # pragma: no cover - compiled
             valid[found] = False
             found += 1
     return found
+
+
+@numba.njit(fastmath={"nnan", "nsz"})
+def largest(values):  # pragma: no cover - compiled
+    """The largest of a float64 slice: a reduction the compiler vectorises, by which a kernel passes over a whole
+    block of ranked keys that cannot enter its list (ranks here are accumulated attention or votes, never NaN)."""
+    top = -np.inf
+    for j in range(values.shape[0]):
+        top = values[j] if values[j] > top else top
+    return top

@@ -15,8 +15,8 @@ import numba
 import numpy as np
 
 from .._softmax_scan import count_and_top, exp_shifted, visible_span
-from .._topk_scan import insert_descending
-from ._pick_scan import fill_invisible, take_ranked, take_recent
+from .._topk_scan import BLOCK, insert_descending
+from ._pick_scan import fill_invisible, largest, take_ranked, take_recent
 
 
 @numba.njit(fastmath={"contract", "nsz", "nnan", "ninf"})
@@ -136,9 +136,15 @@ def snapkv_prompt(logits, earlier, window, kernel, average, ids, valid, counts, 
                             votes[c] = max(votes[c] - ring[back, c], 0.0)
                 _pool(votes[:reach], lo, prefix_end, half, kernel, average, pooled)
                 held = 0
-                for c in range(prefix_end - 1, lo - 1, -1):  # newest first: an equal vote never displaces a newer key
-                    if row[c] > -np.inf and (held < wanted or pooled[c] > best[held - 1]):
-                        held = insert_descending(best[:wanted], best_id[:wanted], held, pooled[c], c)
+                end = prefix_end
+                while end > lo:  # newest first: an equal vote never displaces a newer key
+                    start = max(end - BLOCK, lo)
+                    # a block none of whose votes beats the full list's last is passed over whole
+                    if held < wanted or largest(pooled[start:end]) > best[held - 1]:
+                        for c in range(end - 1, start - 1, -1):
+                            if row[c] > -np.inf and (held < wanted or pooled[c] > best[held - 1]):
+                                held = insert_descending(best[:wanted], best_id[:wanted], held, pooled[c], c)
+                    end = start
                 found = take_ranked(best_id, held, ids[g, i], valid[g, i], found)
             fill_invisible(row, ids[g, i], valid[g, i], found)  # where fewer than k were chosen
         for m in range(kept):
