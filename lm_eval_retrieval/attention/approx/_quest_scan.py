@@ -39,6 +39,35 @@ def partial_bounds(query, keys, group, page, seen, size, scaling, out):  # pragm
         out[n] = total * scaling
 
 
+@numba.njit(parallel=True, cache=True, nogil=True)
+def pages_to_read(bounds, counts, row_mask, k, order, read):  # pragma: no cover - compiled
+    """For each row r: the pages it reads, in decreasing bound (bounds (R, P), -inf: a page it sees nothing of; equal
+    bounds in page order), into order[r, :read[r]]: each page with a visible key (counts (M, P), the row's mask row
+    row_mask[r]) while the pages before it hold fewer than k visible keys.
+
+    Each next page is the largest bound after the last one taken, in one pass over the row's bounds: a row reads
+    a few pages (about k / page_size), where sorting every row's bounds cost more than the rest of the method."""
+    rows, pages = bounds.shape
+    for r in numba.prange(rows):
+        counted = counts[row_mask[r]]
+        last, last_page = np.inf, -1
+        held, taken = 0, 0
+        while held < k:
+            top, at = -np.inf, -1
+            for p in range(pages):
+                b = bounds[r, p]
+                if b > top and (b < last or (b == last and p > last_page)):
+                    top, at = b, p
+            if at < 0:  # no page with a visible key left
+                break
+            if counted[at] > 0:
+                order[r, taken] = at
+                taken += 1
+                held += counted[at]
+            last, last_page = top, at
+        read[r] = taken
+
+
 @numba.njit(fastmath={"contract"})
 def _row(
     r, query, keys, values, row_group, visible, row_mask, order, read, size, scaling, softcap, hidden, ids, out,
@@ -48,9 +77,7 @@ def _row(
     key_len = keys.shape[1]
     group, mask = row_group[r], visible[row_mask[r]]
     held = 0
-    for c in range(order.shape[1]):
-        if not read[r, c]:
-            continue
+    for c in range(read[r]):
         start = order[r, c] * size
         for j in range(start, min(start + size, key_len)):
             if not mask[j]:
@@ -76,7 +103,7 @@ def quest_attend(
     query, keys, values, row_group, visible, row_mask, order, read, size, scaling, softcap, hidden, ids, out
 ):  # pragma: no cover - compiled
     """For each row r (a query of one head): the k = ids.shape[1] visible keys with the largest exact scores among
-    the pages order[r, c] with read[r, c] (pages of `size` keys), largest first, into ids[r] (then the row's first
+    the pages order[r, :read[r]] (pages of `size` keys, as `pages_to_read` lists them), largest first, into ids[r] (then the row's first
     invisible key hidden[row_mask[r]] in slots with no key left); the softmax attention over them into out[r].
 
     query (R, D) float32; keys/values (G, K, D) with row_group (R,); visible (M, K) bool with row_mask (R,)."""

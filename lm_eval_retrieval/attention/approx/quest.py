@@ -55,23 +55,40 @@ def quest(
     k = min(topk, k_len)
     visible = attention_mask.expand(batch, -1, q_len, k_len)
     bounds, slots = quest_page_bounds(module, query, key, visible, scaling, size)
-    counts = _per_query_head(slots.sum(-1), q_heads)  # visible keys per (query, page)
-    read, order = _pages_to_read(bounds, counts, k)
-    pages_read = read.sum(-1)
     visible_keys = _per_query_head(visible.sum(-1), q_heads)
-    report_scanned(module, 2.0 * visible_keys / size + float(size) * pages_read)
     kernels = numba_module("approx._quest_scan") if query.device.type == "cpu" else None
     if kernels is not None:
+        order, read = _pages_in_order(kernels, bounds, slots.sum(-1), k)
+        report_scanned(module, 2.0 * visible_keys / size + float(size) * read.view(batch, q_heads, q_len))
         return _read_and_attend(kernels, query, key, value, visible, order, read, size, scaling, k, module)
+    read, order = _pages_to_read(bounds, _per_query_head(slots.sum(-1), q_heads), k)
+    report_scanned(module, 2.0 * visible_keys / size + float(size) * read.sum(-1))
     logits = masked_logits(query, key, visible, scaling, module_softcap(module))
     ids = _best_keys_in_pages(logits, order, read, size, k, visible, q_heads)
     return attend_over_ids(logits, ids, value), None, ids
 
 
+def _pages_in_order(  # type: ignore[no-untyped-def]
+    kernels, bounds: torch.Tensor, counts: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The CPU path of `_pages_to_read`: each row's pages to read, best first, (R, P) int64 (the first read[r]
+    entries of row r), and read (R,) int64. counts: visible keys per (mask row, page) (B, Hm, Q, P)."""
+    batch, q_heads, q_len, pages = bounds.shape
+    rows = batch * q_heads * q_len
+    order, read = torch.empty(rows, pages, dtype=torch.int64), torch.empty(rows, dtype=torch.int64)
+    match_torch_threads()
+    kernels.pages_to_read(
+        bounds.reshape(rows, pages).contiguous().numpy(), counts.reshape(-1, pages).contiguous().numpy(),
+        mask_rows(batch, q_heads, q_len, counts.shape[1]), k, order.numpy(), read.numpy(),
+    )  # fmt: skip
+    return order, read
+
+
 def _read_and_attend(  # type: ignore[no-untyped-def]
     kernels, query, key, value, visible, order, read, size: int, scaling: float, k: int, module
 ) -> tuple[torch.Tensor, None, torch.Tensor]:
-    """The CPU path of the last steps: each row scores only the keys of the pages it reads (`_quest_scan.py`)."""
+    """The CPU path of the last steps: each row scores only the keys of the pages it reads (`_quest_scan.py`);
+    order and read as `_pages_in_order` gives them."""
     batch, q_heads, q_len, dim = query.shape
     kv_heads, k_len = key.shape[1], key.shape[2]
     mask_heads, rows = visible.shape[1], batch * q_heads * q_len
@@ -82,9 +99,8 @@ def _read_and_attend(  # type: ignore[no-untyped-def]
         query.float().reshape(rows, dim).contiguous().numpy(),
         key.float().contiguous().view(batch * kv_heads, k_len, dim).numpy(),
         value.float().contiguous().view(batch * kv_heads, k_len, -1).numpy(), row_groups(batch, q_heads, kv_heads, q_len),
-        mask.numpy(), mask_rows(batch, q_heads, q_len, mask_heads), order.reshape(rows, -1).contiguous().numpy(),
-        read.reshape(rows, -1).contiguous().numpy(), size, float(scaling), float(module_softcap(module) or 0.0),
-        hidden.numpy(), ids.numpy(), out.numpy(),
+        mask.numpy(), mask_rows(batch, q_heads, q_len, mask_heads), order.numpy(), read.numpy(), size, float(scaling),
+        float(module_softcap(module) or 0.0), hidden.numpy(), ids.numpy(), out.numpy(),
     )  # fmt: skip
     shape = (batch, q_heads, q_len)
     return out.view(*shape, -1), None, ids.view(*shape, k)
