@@ -499,12 +499,14 @@ def test_pick_kernel_equals_the_stable_sort(dtype: torch.dtype, monkeypatch: pyt
 
 
 @pytest.mark.parametrize("arch", ["llama", "mistral"])
-@pytest.mark.parametrize("fn", [h2o, snapkv, streaming, "sparq"])
-def test_reusing_the_probes_scores_changes_nothing(arch: str, fn, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(("fn", "padded"), [(h2o, True), (snapkv, True), (streaming, True), ("sparq", True),
+                                            ("sparq", False), ("loki", False)])  # fmt: skip
+def test_reusing_the_probes_scores_changes_nothing(arch: str, fn, padded: bool, monkeypatch) -> None:
     """h2o and snapkv read the scores the probe computed for its exact reference (`chunk_logits`), only as wide as
     the chunk's last key; small chunks make that narrower than the cache. Every method reads the scores of the keys
-    it picked from them (`shared_scores`). The analysis must equal the one where each method scores every key
-    itself."""
+    it picked from them (`shared_scores`); sparq and loki, on a plainly causal chunk (no padding), take their top-k
+    without masking their scores (`shared_causal_first`). The analysis must equal the one where each method scores
+    and masks every key itself."""
     import contextlib
     import importlib
 
@@ -512,8 +514,14 @@ def test_reusing_the_probes_scores_changes_nothing(arch: str, fn, monkeypatch: p
     from lm_eval_retrieval.attention._numba import numba_module
 
     if isinstance(fn, str):
-        fn = getattr(importlib.import_module(f"lm_eval_retrieval.attention.approx.{fn}"), fn)
+        method_module = importlib.import_module(f"lm_eval_retrieval.attention.approx.{fn}")
+        fn = getattr(method_module, fn)
+        hints = []
+        own_hint = method_module.shared_causal_first
+        monkeypatch.setattr(method_module, "shared_causal_first", lambda *a: hints.append(own_hint(*a)) or hints[-1])
     ids, padding = _batch()
+    if not padded:
+        padding = torch.ones_like(padding)
     scored, read = [], []
     own_scores = common_module.masked_logits
     monkeypatch.setattr(common_module, "masked_logits", lambda *args: scored.append(1) or own_scores(*args))
@@ -521,17 +529,25 @@ def test_reusing_the_probes_scores_changes_nothing(arch: str, fn, monkeypatch: p
     for name in ("attend_scored", "attend_scored_serial"):
         kernel = getattr(kernels, name)
         monkeypatch.setattr(kernels, name, lambda *args, kernel=kernel: read.append(1) or kernel(*args))
+    bases = torch.linalg.qr(torch.randn(8, 64, 64, generator=torch.Generator().manual_seed(3)))[0]
     runs = []
     for share in (True, False):
         if not share:
             monkeypatch.setattr(probes_module, "sharing_chunk_logits", lambda *args: contextlib.nullcontext())
         scored.clear()
         read.clear()
-        probe, _, logits = analysed_run(tiny_model(arch), fn, ids, padding, chunk_elements=2**9)
+        model = tiny_model(arch)
+        for module in model.modules():  # loki's calibrated basis (the same random one in both runs)
+            if type(module).__name__.endswith("Attention"):
+                dim = module.head_dim
+                module._loki_basis = torch.linalg.qr(bases[: model.config.num_key_value_heads, :dim, :dim])[0]
+        probe, _, logits = analysed_run(model, fn, ids, padding, chunk_elements=2**9)
         if fn in (h2o, snapkv):
             assert bool(scored) != share  # the shared scores were used, and only where the probe shares them
         if fn is not snapkv:  # (snapkv's decode steps keep their prompt's selection, outside any probe)
             assert bool(read) == share or fn is h2o  # (h2o scores its own keys where nothing is shared)
+        if share and not padded:  # plainly causal chunks, except under mistral's sliding window (a mask again)
+            assert any(hint is not None for hint in hints) == (arch == "llama")
         runs.append((probe.stats, logits))
     (shared, shared_logits), (own, own_logits) = runs
     for field in ApproxStats.FIELDS:

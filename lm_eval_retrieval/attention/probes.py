@@ -488,7 +488,8 @@ class ApproxProbe:
             if attend is None:
                 attend = visible_mask(call, start, end)
             take_scanned(call.module)  # nothing left over from a call that was not analysed
-            with sharing_chunk_logits(call.module, query, attend, future_masked, logits):
+            causal_first = first_own if call.attention_mask is None else None
+            with sharing_chunk_logits(call.module, query, attend, future_masked, logits, causal_first):
                 approx_out, _, approx_ids = call.module._approx_attn(query, key, value, attend, call.scaling, k)
             reported = take_scanned(call.module)
             self._check_approx(call.layer, query, call.value, approx_out, approx_ids, k_len, k)

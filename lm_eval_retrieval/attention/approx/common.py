@@ -53,11 +53,14 @@ def sharing_chunk_logits(
     visible: torch.Tensor,
     logits: Callable[[], torch.Tensor],
     raw: torch.Tensor | None = None,
+    causal_first: int | None = None,
 ) -> Iterator[None]:
     """While the probe calls a method on a chunk, `chunk_logits` of that (query, visible) pair returns `logits()`
-    (a callable, so that the probe's scores are masked only if a method reads them), and `shared_scores` of that
-    query returns `raw`: the same scores, possibly unmasked, which are exact wherever a key is visible."""
-    module.__dict__["_lmr_chunk_logits"] = (query, visible, logits, raw)
+    (a callable, so that the probe's scores are masked only if a method reads them); `shared_scores` of that query
+    returns `raw`: the same scores, possibly unmasked, which are exact wherever a key is visible; and
+    `shared_causal_first` returns `causal_first` where the chunk is plainly causal: query i sees keys 0 ..
+    causal_first + i, and only those."""
+    module.__dict__["_lmr_chunk_logits"] = (query, visible, logits, raw, causal_first)
     try:
         yield
     finally:
@@ -70,6 +73,14 @@ def shared_scores(module: torch.nn.Module, query: torch.Tensor) -> torch.Tensor 
     masked otherwise: a method passes them to `attend_valid` so that the keys it picked are not scored again."""
     shared = module.__dict__.get("_lmr_chunk_logits")
     return shared[3] if shared is not None and shared[0] is query else None
+
+
+def shared_causal_first(module: torch.nn.Module, query: torch.Tensor) -> int | None:
+    """Where the probe is analysing this very chunk and its mask is plain causal attention (no padding, no window):
+    the key the chunk's first query sees last (query i sees keys 0 .. that + i). A method may then give its top-k
+    `causal_first` instead of masking its scores (a pass over every (query, key) pair). None otherwise."""
+    shared = module.__dict__.get("_lmr_chunk_logits")
+    return shared[4] if shared is not None and shared[0] is query else None
 
 
 def seen_width(attention_mask: torch.Tensor, at_least: int = 1) -> int:

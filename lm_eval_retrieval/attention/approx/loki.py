@@ -25,7 +25,7 @@ import torch
 
 from ...errors import UserInputError
 from ..topk import topk_ids
-from .common import attend_valid, module_softcap, scores_against, seen_width, shared_scores
+from .common import attend_valid, module_softcap, scores_against, seen_width, shared_causal_first, shared_scores
 from .contract import approx_args, method, report_scanned
 
 NEG_INF = float("-inf")
@@ -49,8 +49,11 @@ def loki(
     visible = attention_mask[..., :k_len].expand(batch, -1, q_len, k_len)
     reduced_query = _project(query, basis)
     reduced_key_t = _project(key[:, :, :k_len], basis).transpose(-1, -2)
-    approx = scores_against(reduced_query, reduced_key_t, scaling).masked_fill_(~visible, NEG_INF)
-    ids, valid = topk_ids(approx, k)
+    approx = scores_against(reduced_query, reduced_key_t, scaling)
+    first = shared_causal_first(module, query)
+    if first is None:  # (a plainly causal chunk's top-k stops at each row's own key: no mask needed)
+        approx.masked_fill_(~visible, NEG_INF)
+    ids, valid = topk_ids(approx, k, first)
     output = attend_valid(
         query, key, value, ids, valid, scaling, module_softcap(module), shared_scores(module, query)
     )

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import torch
 
-from ..topk import topk_ids
+from ..topk import mask_future, topk_ids
 from .common import (
     attend_valid,
     module_softcap,
     scores_against,
     seen_width,
+    shared_causal_first,
     shared_scores,
     soft_capped,
     weighted_values,
@@ -51,8 +52,13 @@ def sparq(
     rank = sparq_rank(int(approx_args(module, sparq)["rank"]), dim)
     visible = attention_mask[..., :k_len].expand(batch, -1, q_len, k_len)
     softcap = module_softcap(module)
-    approx = _approximate_logits(query, key[:, :, :k_len], rank, scaling, softcap).masked_fill_(~visible, NEG_INF)
-    ids, valid = topk_ids(approx, k)
+    approx = _approximate_logits(query, key[:, :, :k_len], rank, scaling, softcap)
+    first = shared_causal_first(module, query)
+    if first is None:
+        approx.masked_fill_(~visible, NEG_INF)
+    ids, valid = topk_ids(approx, k, first)
+    if first is not None:  # a plainly causal chunk: only its own block of keys holds keys some row cannot see
+        mask_future(approx, first)
     # alpha: the approximate softmax mass of the k keys (a row that sees nothing has no valid id: alpha 0, and its
     # NaN weights are never read). torch's fused softmax costs a third of its logsumexp, which is not fused.
     weights = torch.softmax(approx, dim=-1)
