@@ -41,8 +41,12 @@ def _row(
             found += 1
             last_start = j
     count = 0
-    for j in range(key_len):
-        if mask[j] and (j < first_end or j >= last_start) and count < k:
+    for j in range(first_end):  # (in key order: the sinks, then the window)
+        if mask[j] and count < k:
+            picked[count] = j
+            count += 1
+    for j in range(max(last_start, first_end), key_len):
+        if mask[j] and count < k:
             picked[count] = j
             count += 1
     budget = k - count
@@ -62,10 +66,11 @@ def _row(
         picked[count + c] = where[c]
     count += held
     filler = -1
-    for j in range(key_len):
-        if not mask[j]:
-            filler = j
-            break
+    if count < k:  # placeholders needed: the row's first invisible key
+        for j in range(key_len):
+            if not mask[j]:
+                filler = j
+                break
     for c in range(k):
         if c < count:
             ids[r, c] = picked[c]
