@@ -36,3 +36,16 @@ def test_no_kernel_helper_inlines_away_its_fastmath_flags() -> None:
         if re.search(r"inline\s*=\s*\"always\".*fastmath|fastmath.*inline\s*=\s*\"always\"", line)
     ]
     assert len(list(root.rglob("_*_scan.py"))) >= 10 and not offenders, offenders
+
+
+@pytest.mark.parametrize("top", [0.0, 3.5, -20.25])
+def test_float32_exp_sum_matches_numpy(top: float) -> None:
+    """`exp_sum32` (the log-normaliser sparq's alpha takes) against numpy's float64 exp over the range a softmax
+    meets: within float32's rounding, and exactly nothing below exp(-87) and for -inf (an invisible key)."""
+    logits = np.concatenate([np.linspace(-120.0, 0.0, 100_003) + top, [-np.inf]]).astype(np.float32)
+    shifted = logits.astype(np.float64) - np.float32(top)
+    expected = np.where(shifted > -87.0, np.exp(shifted), 0.0).sum()
+    got = softmax_scan.exp_sum32_array(logits, np.float32(top))
+    assert got == pytest.approx(expected, rel=2e-7)
+    tiny = np.array([-np.inf, -200.0], dtype=np.float32)
+    assert softmax_scan.exp_sum32_array(tiny, np.float32(0.0)) == 0.0

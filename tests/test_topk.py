@@ -115,6 +115,38 @@ def test_row_topk_stops_at_each_causal_rows_own_key(heads: int, size: int, numba
     assert bool((finite.sum(-1) == (first + 1 + torch.arange(size))).all())
 
 
+@pytest.mark.parametrize("numba", [True, False])
+@pytest.mark.parametrize("heads, size", [(9, 40), (2, 3)])  # 720 rows: numba's pool; 6 rows: the calling thread
+@pytest.mark.parametrize("causal", [True, False])
+def test_row_topk_lse_is_the_top_k_and_the_log_normaliser(heads: int, size: int, causal: bool, numba: bool,
+                                                           monkeypatch) -> None:  # fmt: skip
+    """row_topk_lse: the same top-k as row_topk, and each row's log-sum-exp over the scores it sees, against
+    torch.logsumexp in float64 of the masked scores: causal rows read up to their own key whatever the later columns
+    hold; masked (-inf) keys and a row that sees nothing (-inf) count as nothing."""
+    if not numba:
+        monkeypatch.setattr(topk_module, "_numba_kernels", lambda: None)
+    width, k = 300, 10
+    first = width - size
+    torch.manual_seed(size + causal)
+    scores = torch.randn(2, heads, size, width) * 4
+    masked = scores.clone()
+    masked[0, 0, :, 7:90] = float("-inf")  # keys a row cannot see, -inf as a method masks them
+    masked[1, 1, 0] = float("-inf")  # a row that sees nothing
+    scores = masked.clone()
+    if causal:
+        future = torch.arange(width)[None, :] > (first + torch.arange(size))[:, None]
+        masked = masked.masked_fill(future, float("-inf"))
+        scores.masked_fill_(future & (scores > float("-inf")), 50.0)  # unmasked future keys, never to be read
+    values, ids, lse = topk_module.row_topk_lse(scores.clone(), k, causal_first=first if causal else None)
+    reference = torch.logsumexp(masked.double(), dim=-1)
+    torch.testing.assert_close(lse.double(), reference, rtol=2e-7, atol=1e-6)
+    assert lse[1, 1, 0] == float("-inf")
+    expected_values, _ = row_topk(masked.clone(), k)
+    torch.testing.assert_close(values, expected_values, rtol=0, atol=0)
+    finite = values > float("-inf")
+    assert torch.equal(masked.gather(-1, ids)[finite], values[finite])
+
+
 def test_exact_step_equals_the_definition() -> None:
     """A decode step of exact_topk in one kernel: the output over each query's top-k and the statistics it adds,
     against float64 from the definition (one query per head, two sequences, grouped heads)."""

@@ -19,6 +19,12 @@ LN2_HI = 6.93147180369123816490e-01  # ln 2 split so that k * LN2_HI is exact fo
 LN2_LO = 1.90821492927058770002e-10
 ROUND = 6755399441055744.0  # 1.5 * 2**52: adding and subtracting it rounds a double to the nearest integer
 LOWEST = -708.0  # below, 2**k is no longer a normal double: the result is taken as 0
+# The same in float32 (Cephes' expf: a degree-6 polynomial, about 1 ulp), for sums that only need float32's precision.
+LOG2E_32 = np.float32(LOG2E)
+LN2_HI_32 = np.float32(0.693359375)
+LN2_LO_32 = np.float32(-2.12194440e-4)
+ROUND_32 = np.float32(12582912.0)  # 1.5 * 2**23
+LOWEST_32 = np.float32(-87.0)
 
 
 @numba.njit(inline="always")
@@ -83,6 +89,43 @@ def _scaled_sum(row, top, out, scale):  # pragma: no cover - compiled
         out[j] = value
         total += value
     return total
+
+
+@numba.njit(fastmath={"contract", "nsz", "arcp"})
+def exp_sum32(row, end, top, out, bits):  # pragma: no cover - compiled
+    """The sum (float64) of exp(row[j] - top) for j < end, each term in float32 (row float32, top >= every
+    row[j], -inf included: 0); out float32 and bits int32 are scratch at least `end` long. Twice as many lanes as
+    `exp_shifted`, for a log-normaliser that feeds float32 weights."""
+    for j in range(end):
+        x = max(row[j] - top, LOWEST_32)
+        n = (x * LOG2E_32 + ROUND_32) - ROUND_32
+        r = (x - n * LN2_HI_32) - n * LN2_LO_32
+        p = np.float32(1.9875691500e-4)
+        p = p * r + np.float32(1.3981999507e-3)
+        p = p * r + np.float32(8.3334519073e-3)
+        p = p * r + np.float32(4.1665795894e-2)
+        p = p * r + np.float32(1.6666665459e-1)
+        p = p * r + np.float32(5.0000001201e-1)
+        out[j] = p * r * r + r + np.float32(1.0)
+        bits[j] = (np.int32(n) + np.int32(127)) << np.int32(23)
+    return _scaled_sum32(row[:end], top, out[:end], bits.view(np.float32)[:end])
+
+
+@numba.njit(fastmath={"reassoc", "contract", "nsz", "arcp"})
+def _scaled_sum32(row, top, out, scale):  # pragma: no cover - compiled
+    """sum of out * scale (0 below exp(-87), -inf included), in any order, in float64."""
+    total = 0.0
+    for j in range(row.shape[0]):
+        total += np.float64(out[j] * scale[j]) if row[j] - top > LOWEST_32 else 0.0
+    return total
+
+
+@numba.njit(cache=True)
+def exp_sum32_array(row, top):  # pragma: no cover - compiled
+    """`exp_sum32` over a whole float32 row, for the test that holds it to numpy."""
+    out = np.empty(row.shape[0], dtype=np.float32)
+    bits = np.empty(row.shape[0], dtype=np.int32)
+    return exp_sum32(row, row.shape[0], top, out, bits)
 
 
 @numba.njit(cache=True)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from ._softmax_scan import exp_sum32
+
 # Rows are cut into this many parts, each with its own scratch memory, for numba's pool to share out (a constant:
 # asking numba for its thread count inside a kernel would stop the kernel being cached on disk).
 PARTS = 256
@@ -129,6 +131,39 @@ def best_blocks_scan_serial(rows, ends, values, indices):  # pragma: no cover - 
     maxima, block_max, block_id, lanes = topk_scratch(rows, values.shape[1])
     for r in range(rows.shape[0]):
         best_blocks_row(rows[r], ends[r], values[r], indices[r], maxima, block_max, block_id, lanes)
+
+
+@numba.njit(inline="always")
+def _log_sum_exp(row, end, top, terms, bits):  # pragma: no cover - compiled
+    """log sum exp(row[:end]) given its largest entry `top` (-inf for a row that sees nothing)."""
+    if top == -np.inf:
+        return -np.inf
+    return top + np.log(exp_sum32(row, end, top, terms, bits))
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def best_blocks_lse_scan(rows, ends, values, indices, lse):  # pragma: no cover - compiled
+    """`best_blocks_scan`, and each row's log-sum-exp over rows[r, :ends[r]] into lse (R,) float32, while the row is
+    in cache: its largest score is already the first of its top-k."""
+    count, width = rows.shape
+    k = values.shape[1]
+    parts = min(count, PARTS)
+    for p in numba.prange(parts):
+        maxima, block_max, block_id, lanes = topk_scratch(rows, k)
+        terms, bits = np.empty(width, dtype=np.float32), np.empty(width, dtype=np.int32)
+        for r in range(p * count // parts, (p + 1) * count // parts):
+            best_blocks_row(rows[r], ends[r], values[r], indices[r], maxima, block_max, block_id, lanes)
+            lse[r] = _log_sum_exp(rows[r], ends[r], values[r, 0], terms, bits)
+
+
+@numba.njit(cache=True, nogil=True)
+def best_blocks_lse_scan_serial(rows, ends, values, indices, lse):  # pragma: no cover - compiled
+    """`best_blocks_lse_scan` on the calling thread."""
+    maxima, block_max, block_id, lanes = topk_scratch(rows, values.shape[1])
+    terms, bits = np.empty(rows.shape[1], dtype=np.float32), np.empty(rows.shape[1], dtype=np.int32)
+    for r in range(rows.shape[0]):
+        best_blocks_row(rows[r], ends[r], values[r], indices[r], maxima, block_max, block_id, lanes)
+        lse[r] = _log_sum_exp(rows[r], ends[r], values[r, 0], terms, bits)
 
 
 @numba.njit(fastmath={"contract"})

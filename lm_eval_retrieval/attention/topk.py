@@ -54,6 +54,22 @@ def row_topk(scores: torch.Tensor, k: int, causal_first: int | None = None) -> t
     return scores.topk(k, dim=-1)
 
 
+def row_topk_lse(
+    scores: torch.Tensor, k: int, causal_first: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`row_topk`, and each row's log-sum-exp over the scores it sees (..., ) float32 (-inf for a row that sees
+    none): on a CPU in the same kernel, while the row is in cache, instead of a softmax over every score."""
+    width = scores.shape[-1]
+    if scores.device.type == "cpu" and scores.dtype == torch.float32:
+        kernels = _numba_kernels()
+        if kernels is not None and 0 < k <= width:
+            return _best_blocks(kernels, scores.contiguous(), k, causal_first, with_lse=True)
+    if causal_first is not None:
+        mask_future(scores, causal_first)
+    values, indices = row_topk(scores, k)
+    return values, indices, torch.logsumexp(scores, dim=-1)
+
+
 def topk_ids(scores: torch.Tensor, k: int, causal_first: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids, valid) of the k largest finite entries of each row of an approximation's `scores` (-inf where a key
     is not visible), as `row_topk` finds them (`causal_first`: as there, row i sees columns up to causal_first + i
@@ -76,15 +92,21 @@ def mask_future(scores: torch.Tensor, causal_first: int) -> torch.Tensor:
 
 
 def _best_blocks(  # type: ignore[no-untyped-def]
-    kernels, scores: torch.Tensor, k: int, causal_first: int | None
-) -> tuple[torch.Tensor, torch.Tensor]:
+    kernels, scores: torch.Tensor, k: int, causal_first: int | None, with_lse: bool = False
+) -> tuple[torch.Tensor, ...]:
     size, width = scores.shape[-2], scores.shape[-1]
     rows = scores.reshape(-1, width)
     ends = _row_ends(rows.shape[0] // size, size, width, causal_first)
     values = torch.empty(rows.shape[0], k, dtype=scores.dtype)
     indices = torch.empty(rows.shape[0], k, dtype=torch.int64)
-    row_kernel(kernels, "best_blocks_scan", rows.shape[0])(rows.numpy(), ends, values.numpy(), indices.numpy())
     shape = (*scores.shape[:-1], k)
+    if with_lse:
+        lse = torch.empty(rows.shape[0], dtype=torch.float32)
+        row_kernel(kernels, "best_blocks_lse_scan", rows.shape[0])(
+            rows.numpy(), ends, values.numpy(), indices.numpy(), lse.numpy()
+        )
+        return values.view(shape), indices.view(shape), lse.view(scores.shape[:-1])
+    row_kernel(kernels, "best_blocks_scan", rows.shape[0])(rows.numpy(), ends, values.numpy(), indices.numpy())
     return values.view(shape), indices.view(shape)
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from ..topk import mask_future, topk_ids
+from ..topk import row_topk_lse
 from .common import (
     attend_valid,
     module_softcap,
@@ -54,15 +54,14 @@ def sparq(
     softcap = module_softcap(module)
     approx = _approximate_logits(query, key[:, :, :k_len], rank, scaling, softcap)
     first = shared_causal_first(module, query)
-    if first is None:
+    if first is None:  # (a plainly causal chunk's rows are read only up to their own key: no mask needed)
         approx.masked_fill_(~visible, NEG_INF)
-    ids, valid = topk_ids(approx, k, first)
-    if first is not None:  # a plainly causal chunk: only its own block of keys holds keys some row cannot see
-        mask_future(approx, first)
-    # alpha: the approximate softmax mass of the k keys (a row that sees nothing has no valid id: alpha 0, and its
-    # NaN weights are never read). torch's fused softmax costs a third of its logsumexp, which is not fused.
-    weights = torch.softmax(approx, dim=-1)
-    alpha = torch.where(valid, weights.gather(-1, ids), 0.0).sum(-1, keepdim=True)
+    # alpha: the approximate softmax mass of the k keys, exp(their scores - the row's log-normaliser), which the
+    # top-k's kernel takes while each row is in cache (a row that sees nothing has no valid id: alpha 0).
+    scores, ids, lse = row_topk_lse(approx, k, first)
+    valid = scores > NEG_INF
+    ids = torch.where(valid, ids, ids[..., :1])
+    alpha = torch.where(valid, (scores - lse.unsqueeze(-1)).exp(), 0.0).sum(-1, keepdim=True)
     picked = attend_valid(query, key, value, ids, valid, scaling, softcap, shared_scores(module, query))
     seen = visible.sum(-1, keepdim=True).expand(batch, q_heads, q_len, 1)
     mean_value = _visible_value_sum(visible, value[:, :, :k_len], q_heads) / seen.clamp(min=1)
