@@ -13,14 +13,50 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from .._topk_scan import PARTS, insert_descending
+from .._topk_scan import PARTS
 from ._attend_scan import attend_picked_row, key_score
+
+
+@numba.njit(cache=True, nogil=True)
+def list_members(lists, nlist, members, offsets):  # pragma: no cover - compiled
+    """Each group's inverted lists by a counting sort of lists (G, K) (key j's list): members (G, K) the keys grouped
+    by list, in key order within one; offsets (G, nlist + 1) where each list starts in them. O(K) per group, cheap
+    enough to redo at every decode step."""
+    groups, length = lists.shape
+    for g in range(groups):
+        for l in range(nlist + 1):
+            offsets[g, l] = 0
+        for j in range(length):
+            offsets[g, lists[g, j] + 1] += 1
+        for l in range(nlist):
+            offsets[g, l + 1] += offsets[g, l]
+        for j in range(length):  # (offsets[g, l] runs ahead as list l fills, then is put back)
+            l = lists[g, j]
+            members[g, offsets[g, l]] = j
+            offsets[g, l] += 1
+        for l in range(nlist, 0, -1):
+            offsets[g, l] = offsets[g, l - 1]
+        offsets[g, 0] = 0
+
+
+@numba.njit(inline="always")
+def _insert_by_score(best, where, held, value, index):  # pragma: no cover - compiled
+    """`insert_descending`, with equal scores ranked by key (the smaller first) whatever order they come in. Returns
+    the new length."""
+    p = held if held < best.shape[0] else best.shape[0] - 1
+    while p > 0 and (best[p - 1] < value or (best[p - 1] == value and where[p - 1] > index)):
+        best[p] = best[p - 1]
+        where[p] = where[p - 1]
+        p -= 1
+    best[p] = value
+    where[p] = index
+    return min(held + 1, best.shape[0])
 
 
 @numba.njit(fastmath={"contract"})
 def _row(
-    r, query, keys, values, row_group, visible, row_mask, lists, probed, sinks, window, scaling, softcap, ids,
-    searched, out, best, where, picked, scores, acc,
+    r, query, keys, values, row_group, visible, row_mask, members, offsets, probed, sinks, window, scaling, softcap,
+    ids, searched, out, best, where, picked, scores, acc,
 ):  # pragma: no cover - compiled
     k = ids.shape[1]
     key_len = visible.shape[1]
@@ -51,16 +87,22 @@ def _row(
             count += 1
     budget = k - count
     # The search: visible, non-static keys of the lists this row probes, the `budget` best by exact score.
+    # Walked list by list (members[group, offsets[group, l]:offsets[group, l + 1]], keys in order), so a row reads
+    # only its probed lists' keys; equal scores are ranked by key (the older first), as a walk in key order ranks them.
     held, scanned = 0, 0
-    for j in range(first_end, last_start):
-        if not mask[j] or not probed[r, lists[group, j]]:
+    for l in range(probed.shape[1]):
+        if not probed[r, l]:
             continue
-        scanned += 1
-        if budget == 0:
-            continue
-        s = key_score(r, query, keys, group, j, scaling, softcap)
-        if held < budget or s > best[budget - 1]:
-            held = insert_descending(best[:budget], where[:budget], held, s, j)
+        for m in range(offsets[group, l], offsets[group, l + 1]):
+            j = members[group, m]
+            if j < first_end or j >= last_start or not mask[j]:
+                continue
+            scanned += 1
+            if budget == 0:
+                continue
+            s = key_score(r, query, keys, group, j, scaling, softcap)
+            if held < budget or s > best[budget - 1] or (s == best[budget - 1] and j < where[budget - 1]):
+                held = _insert_by_score(best[:budget], where[:budget], held, s, j)
     searched[r] = scanned
     for c in range(held):
         picked[count + c] = where[c]
@@ -89,13 +131,14 @@ def _scratch(k, value_dim):  # pragma: no cover - compiled
 
 @numba.njit(parallel=True, cache=True, nogil=True)
 def ivf_attend(
-    query, keys, values, row_group, visible, row_mask, lists, probed, sinks, window, scaling, softcap, ids, searched,
-    out,
+    query, keys, values, row_group, visible, row_mask, members, offsets, probed, sinks, window, scaling, softcap, ids,
+    searched, out,
 ):  # pragma: no cover - compiled
     """For each row r (a query of one head): its static keys (the first `sinks` and last `window` visible keys) and
-    the best k - static visible keys by exact score among the others whose list lists[g, j] it probes
-    (probed[r, list]); their ids into ids[r] (then filler: an invisible key, else the first id), how many keys it
-    searched into searched[r], and the softmax attention over the chosen keys into out[r].
+    the best k - static visible keys by exact score among the others in the lists it probes (probed[r, list]; list
+    l of group g holds keys members[g, offsets[g, l]:offsets[g, l + 1]], in key order); their ids into ids[r] (then
+    filler: an invisible key, else the first id), how many keys it searched into searched[r], and the softmax
+    attention over the chosen keys into out[r].
 
     query (R, D) float32; keys/values (G, K, D) with row_group (R,); visible (M, K) bool with row_mask (R,)."""
     rows = ids.shape[0]
@@ -104,20 +147,20 @@ def ivf_attend(
         best, where, picked, scores, acc = _scratch(ids.shape[1], values.shape[2])
         for r in range(p * rows // parts, (p + 1) * rows // parts):
             _row(
-                r, query, keys, values, row_group, visible, row_mask, lists, probed, sinks, window, scaling, softcap,
-                ids, searched, out, best, where, picked, scores, acc,
+                r, query, keys, values, row_group, visible, row_mask, members, offsets, probed, sinks, window, scaling,
+                softcap, ids, searched, out, best, where, picked, scores, acc,
             )  # fmt: skip
 
 
 @numba.njit(cache=True, nogil=True)
 def ivf_attend_serial(
-    query, keys, values, row_group, visible, row_mask, lists, probed, sinks, window, scaling, softcap, ids, searched,
-    out,
+    query, keys, values, row_group, visible, row_mask, members, offsets, probed, sinks, window, scaling, softcap, ids,
+    searched, out,
 ):  # pragma: no cover - compiled
     """`ivf_attend` on the calling thread, for a decode step's few rows."""
     best, where, picked, scores, acc = _scratch(ids.shape[1], values.shape[2])
     for r in range(ids.shape[0]):
         _row(
-            r, query, keys, values, row_group, visible, row_mask, lists, probed, sinks, window, scaling, softcap, ids,
-            searched, out, best, where, picked, scores, acc,
+            r, query, keys, values, row_group, visible, row_mask, members, offsets, probed, sinks, window, scaling,
+            softcap, ids, searched, out, best, where, picked, scores, acc,
         )  # fmt: skip

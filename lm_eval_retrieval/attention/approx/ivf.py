@@ -203,9 +203,19 @@ def _search_and_attend(  # type: ignore[no-untyped-def]
         query.float().reshape(rows, dim).contiguous().numpy(),
         key.float().contiguous().view(batch * kv_heads, k_len, dim).numpy(),
         value.float().contiguous().view(batch * kv_heads, k_len, -1).numpy(), row_groups(batch, q_heads, kv_heads, q_len),
-        mask.numpy(), mask_rows(batch, q_heads, q_len, visible.shape[1]),
-        index.lists.reshape(batch * kv_heads, -1).contiguous().numpy(), probed.reshape(rows, -1).contiguous().numpy(),
-        sinks, window, float(scaling), float(softcap or 0.0), ids.numpy(), searched.numpy(), out.numpy(),
+        mask.numpy(), mask_rows(batch, q_heads, q_len, visible.shape[1]), *_list_members(kernels, index, k_len),
+        probed.reshape(rows, -1).contiguous().numpy(), sinks, window, float(scaling), float(softcap or 0.0),
+        ids.numpy(), searched.numpy(), out.numpy(),
     )  # fmt: skip
     shape = (batch, q_heads, q_len)
     return out.view(*shape, -1), ids.view(*shape, k), searched.view(shape)
+
+
+def _list_members(kernels, index: _Index, k_len: int) -> tuple[np.ndarray, np.ndarray]:  # type: ignore[no-untyped-def]
+    """Each (batch row, KV head)'s inverted lists over its first k_len keys: (members (G, k_len), the keys grouped by
+    list and in key order within one; offsets (G, nlist + 1), where each list starts in them)."""
+    lists = np.ascontiguousarray(index.lists.reshape(-1, index.lists.shape[-1])[:, :k_len].numpy())
+    members = np.empty_like(lists)
+    offsets = np.empty((lists.shape[0], index.nlist + 1), dtype=np.int64)
+    kernels.list_members(lists, index.nlist, members, offsets)
+    return members, offsets
