@@ -64,17 +64,26 @@ def sparq(
     alpha = torch.where(valid, (scores - lse.unsqueeze(-1)).exp(), 0.0).sum(-1, keepdim=True)
     picked = attend_valid(query, key, value, ids, valid, scaling, softcap, shared_scores(module, query))
     seen = visible.sum(-1, keepdim=True).expand(batch, q_heads, q_len, 1)
-    mean_value = _visible_value_sum(visible, value[:, :, :k_len], q_heads) / seen.clamp(min=1)
+    mean_value = _visible_value_sum(visible, value[:, :, :k_len], q_heads, first) / seen.clamp(min=1)
     output = alpha * picked + (1.0 - alpha) * mean_value
     output = torch.where(seen > 0, output, 0.0)
     report_scanned(module, seen.squeeze(-1) * (rank / dim) + seen.squeeze(-1).clamp(max=k))
     return output, None, ids
 
 
-def _visible_value_sum(visible: torch.Tensor, value: torch.Tensor, q_heads: int) -> torch.Tensor:
-    """Sum of the values each query sees (B, Hq, Q, D) float32: one matmul per KV head where the mask is shared by
-    the heads, instead of one per query head over an expanded mask."""
+def _visible_value_sum(
+    visible: torch.Tensor, value: torch.Tensor, q_heads: int, causal_first: int | None = None
+) -> torch.Tensor:
+    """Sum of the values each query sees (B, Hq, Q, D) float32. On a plainly causal chunk (query i sees keys 0 ..
+    causal_first + i) a running sum of the values (float64) read at each query's last key; else one matmul per KV
+    head where the mask is shared by the heads, instead of one per query head over an expanded mask."""
     batch, kv_heads = value.shape[:2]
+    if causal_first is not None:
+        q_len = visible.shape[2]
+        running = value[:, :, causal_first : causal_first + q_len].double().cumsum(2)
+        if causal_first > 0:
+            running += value[:, :, :causal_first].double().sum(2, keepdim=True)
+        return running.float().repeat_interleave(q_heads // kv_heads, dim=1)
     if visible.shape[1] == 1:
         sums = torch.matmul(visible.float(), value.float())  # (B, Hkv, Q, D)
         return sums.repeat_interleave(q_heads // kv_heads, dim=1)
