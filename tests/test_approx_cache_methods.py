@@ -500,12 +500,13 @@ def test_pick_kernel_equals_the_stable_sort(dtype: torch.dtype, monkeypatch: pyt
 
 @pytest.mark.parametrize("arch", ["llama", "mistral"])
 @pytest.mark.parametrize(("fn", "padded"), [(h2o, True), (snapkv, True), (streaming, True), ("sparq", True),
-                                            ("sparq", False), ("loki", False)])  # fmt: skip
+                                            ("sparq", False), ("loki", False), ("quest", False)])  # fmt: skip
 def test_reusing_the_probes_scores_changes_nothing(arch: str, fn, padded: bool, monkeypatch) -> None:
     """h2o and snapkv read the scores the probe computed for its exact reference (`chunk_logits`), only as wide as
     the chunk's last key; small chunks make that narrower than the cache. Every method reads the scores of the keys
-    it picked from them (`shared_scores`); sparq and loki, on a plainly causal chunk (no padding), take their top-k
-    without masking their scores (`shared_causal_first`). The analysis must equal the one where each method scores
+    it picked from them (`shared_scores`); on a plainly causal chunk (no padding), sparq and loki take their top-k
+    without masking their scores and quest counts each page's visible keys without reading the mask
+    (`shared_causal_first`). The analysis must equal the one where each method scores
     and masks every key itself."""
     import contextlib
     import importlib
@@ -544,7 +545,8 @@ def test_reusing_the_probes_scores_changes_nothing(arch: str, fn, padded: bool, 
         probe, _, logits = analysed_run(model, fn, ids, padding, chunk_elements=2**9)
         if fn in (h2o, snapkv):
             assert bool(scored) != share  # the shared scores were used, and only where the probe shares them
-        if fn is not snapkv:  # (snapkv's decode steps keep their prompt's selection, outside any probe)
+        if fn is not snapkv and fn.__name__ != "quest":  # (snapkv's decode steps keep their prompt's selection,
+            # outside any probe; quest scores its pages' keys in its own kernel)
             assert bool(read) == share or fn is h2o  # (h2o scores its own keys where nothing is shared)
         if share and not padded:  # plainly causal chunks, except under mistral's sliding window (a mask again)
             assert any(hint is not None for hint in hints) == (arch == "llama")

@@ -182,7 +182,7 @@ def test_quest_page_bounds_cover_every_key_in_the_page(size: int, numba: bool, m
     if not numba:
         monkeypatch.setattr(quest_module, "numba_module", lambda name: None)
     query, key, value, mask = make_inputs(3)
-    bounds, _ = quest_page_bounds(module_with(), query, key, mask.expand(BATCH, -1, -1, -1), SCALING, size)
+    bounds, _, _ = quest_page_bounds(module_with(), query, key, mask.expand(BATCH, -1, -1, -1), SCALING, size)
     group = Q_HEADS // KV_HEADS
     for b in range(BATCH):
         for h in range(Q_HEADS):

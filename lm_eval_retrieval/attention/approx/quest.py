@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from .._numba import numba_module
 from ..kernel_rows import mask_rows, match_torch_threads, row_groups, row_kernel
-from .common import attend_over_ids, masked_logits, module_softcap, scores_against
+from .common import attend_over_ids, masked_logits, module_softcap, scores_against, shared_causal_first
 from .contract import approx_args, approx_state, method, report_scanned
 
 NEG_INF = float("-inf")
@@ -54,14 +54,18 @@ def quest(
     k_len = key.shape[2]
     k = min(topk, k_len)
     visible = attention_mask.expand(batch, -1, q_len, k_len)
-    bounds, slots = quest_page_bounds(module, query, key, visible, scaling, size)
-    visible_keys = _per_query_head(visible.sum(-1), q_heads)
+    first = shared_causal_first(module, query)
+    bounds, slots, counts = quest_page_bounds(module, query, key, visible, scaling, size, first)
+    if first is None:
+        visible_keys = _per_query_head(visible.sum(-1), q_heads)
+    else:  # a plainly causal chunk: query i sees first + i + 1 keys
+        visible_keys = torch.arange(first + 1, first + 1 + q_len, device=query.device).expand(batch, q_heads, -1)
     kernels = numba_module("approx._quest_scan") if query.device.type == "cpu" else None
     if kernels is not None:
-        order, read = _pages_in_order(kernels, bounds, slots.sum(-1), k)
+        order, read = _pages_in_order(kernels, bounds, counts, k)
         report_scanned(module, 2.0 * visible_keys / size + float(size) * read.view(batch, q_heads, q_len))
         return _read_and_attend(kernels, query, key, value, visible, order, read, size, scaling, k, module)
-    read, order = _pages_to_read(bounds, _per_query_head(slots.sum(-1), q_heads), k)
+    read, order = _pages_to_read(bounds, _per_query_head(counts, q_heads), k)
     report_scanned(module, 2.0 * visible_keys / size + float(size) * read.sum(-1))
     logits = masked_logits(query, key, visible, scaling, module_softcap(module))
     ids = _best_keys_in_pages(logits, order, read, size, k, visible, q_heads)
@@ -113,12 +117,15 @@ def quest_page_bounds(
     visible: torch.Tensor,
     scaling: float,
     size: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each query's bound on each page (B, Hq, Q, P), -inf for a page it sees nothing of, and the visibility
-    reshaped into pages (B, Hm, Q, P, size) (slots past the last key are False).
+    causal_first: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each query's bound on each page (B, Hq, Q, P), -inf for a page it sees nothing of; the visibility reshaped
+    into pages (B, Hm, Q, P, size) (slots past the last key are False); and the visible keys per page (B, Hm, Q, P).
 
     Whole visible pages take the (cached) page summaries, two grouped matmuls: q+ . M + q- . m; a partly visible page
-    is summarised again over the keys that query sees, so the bound is the tightest the rule allows."""
+    is summarised again over the keys that query sees, so the bound is the tightest the rule allows.
+    `causal_first`: where the chunk is plainly causal (query i sees keys 0 .. causal_first + i), the pages each
+    query sees follow from that, without a pass over the mask."""
     batch, q_heads, q_len, _ = query.shape
     k_len = key.shape[2]
     pages = -(-k_len // size)
@@ -126,9 +133,17 @@ def quest_page_bounds(
     if pad:
         visible = torch.cat([visible, visible.new_zeros(*visible.shape[:3], pad)], dim=-1)
     slots = visible.reshape(*visible.shape[:3], pages, size)
-    exists = torch.arange(pages * size, device=key.device).view(pages, size) < k_len
-    seen_any = slots.any(-1)
-    seen_all = (slots | ~exists).all(-1)
+    if causal_first is None:
+        exists = torch.arange(pages * size, device=key.device).view(pages, size) < k_len
+        counts = slots.sum(-1)
+        seen_any = counts > 0
+        seen_all = (slots | ~exists).all(-1)
+    else:
+        start = torch.arange(pages, device=key.device) * size
+        whole = (k_len - start).clamp(max=size)  # the keys each page has (the last may be short)
+        last = causal_first + torch.arange(q_len, device=key.device)  # each query's last visible key
+        counts = torch.minimum((last[:, None] + 1 - start).clamp(min=0), whole).expand(*visible.shape[:2], -1, -1)
+        seen_any, seen_all = counts > 0, counts == whole
     low, high = _page_summaries(module, key, size)
     q = query.float()
     bounds = scores_against(q.clamp(min=0), high.transpose(-1, -2), scaling)
@@ -138,7 +153,7 @@ def quest_page_bounds(
     if bool(partial.any()):
         where = partial.nonzero()
         bounds[tuple(where.unbind(1))] = _partial_bounds(query, key, slots, where, scaling, size)
-    return bounds, slots
+    return bounds, slots, counts
 
 
 def _page_summaries(module: torch.nn.Module, key: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
