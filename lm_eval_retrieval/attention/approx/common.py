@@ -186,7 +186,7 @@ def attend_valid(
 
     `scores` (B, Hq, Q, W), where the caller has them (`shared_scores`): the exact scaled, soft-capped scores of
     the queries against every key a valid slot can name; each picked key is then read from them instead of being
-    scored again (a dot product per key, most of this step's cost)."""
+    scored again (a dot product per key, and copies of the query and keys)."""
     kernels = numba_module("approx._attend_scan") if query.device.type == "cpu" else None
     batch, q_heads, q_len, dim = query.shape
     if scores is not None and scores.shape[:3] != ids.shape[:3]:
