@@ -47,13 +47,17 @@ def sparq(
 ) -> tuple[torch.Tensor, None, torch.Tensor]:
     batch, q_heads, q_len, dim = query.shape
     k = min(topk, key.shape[2])
+    # On a plainly causal chunk query i sees keys 0 .. first + i: no mask is read (see `shared_causal_first`).
+    first = shared_causal_first(module, query)
     # Keys no query of this call sees (a causal chunk's later ones) are neither scored nor summed.
-    k_len = seen_width(attention_mask, at_least=k)
+    if first is None:
+        k_len = seen_width(attention_mask, at_least=k)
+    else:
+        k_len = min(key.shape[2], max(first + q_len, k))
     rank = sparq_rank(int(approx_args(module, sparq)["rank"]), dim)
     visible = attention_mask[..., :k_len].expand(batch, -1, q_len, k_len)
     softcap = module_softcap(module)
     approx = _approximate_logits(query, key[:, :, :k_len], rank, scaling, softcap)
-    first = shared_causal_first(module, query)
     if first is None:  # (a plainly causal chunk's rows are read only up to their own key: no mask needed)
         approx.masked_fill_(~visible, NEG_INF)
     # alpha: the approximate softmax mass of the k keys, exp(their scores - the row's log-normaliser), which the
@@ -63,7 +67,11 @@ def sparq(
     ids = torch.where(valid, ids, ids[..., :1])
     alpha = torch.where(valid, (scores - lse.unsqueeze(-1)).exp(), 0.0).sum(-1, keepdim=True)
     picked = attend_valid(query, key, value, ids, valid, scaling, softcap, shared_scores(module, query))
-    seen = visible.sum(-1, keepdim=True).expand(batch, q_heads, q_len, 1)
+    if first is None:
+        seen = visible.sum(-1, keepdim=True).expand(batch, q_heads, q_len, 1)
+    else:
+        seen = torch.arange(first + 1, first + q_len + 1, device=query.device).view(q_len, 1)
+        seen = seen.expand(batch, q_heads, -1, 1)
     mean_value = _visible_value_sum(visible, value[:, :, :k_len], q_heads, first) / seen.clamp(min=1)
     output = alpha * picked + (1.0 - alpha) * mean_value
     output = torch.where(seen > 0, output, 0.0)
