@@ -71,6 +71,8 @@ RULES: list[tuple[str, str]] = [
     (r"lm_eval --model ret-approx-hf --model_args pretrained=smollm2-135m,approx=",
      "skip: documents under the analysis (minutes); tests/test_head_aware.py runs these args on a tiny model"),
     (r"lm-eval-retrieval leaderboard --methods streaming,", "skip: 11 runs of 10 documents (tests/test_leaderboard.py)"),
+    (r"lm-eval-retrieval leaderboard --methods quest,simhash ",
+     "skip: 2 hybrid runs of 15 NIAH documents (tests/test_leaderboard.py)"),
 ]
 
 
