@@ -18,12 +18,13 @@ BLOCK = 32  # scores per block, as in topk.py's torch rule (`_max32` takes one b
 
 
 @numba.njit(inline="always")
-def insert_descending(best, where, held, value, index):  # pragma: no cover - compiled
+def insert_descending(best, where, held, value, index, by_index=False):  # pragma: no cover - compiled
     """Put (value, index) into the descending list best[:held] / where[:held], behind every entry >= value (an equal
-    value keeps the entries already there ahead). The list grows until it is full, then loses its last entry (which
-    the caller has checked `value` beats). Returns the new length."""
+    value keeps the entries already there ahead; with `by_index`, equal values are ranked by index, the smaller
+    first, whatever order they come in). The list grows until it is full, then loses its last entry (which the
+    caller has checked `value` beats). Returns the new length."""
     p = held if held < best.shape[0] else best.shape[0] - 1
-    while p > 0 and best[p - 1] < value:
+    while p > 0 and (best[p - 1] < value or (by_index and best[p - 1] == value and where[p - 1] > index)):
         best[p] = best[p - 1]
         where[p] = where[p - 1]
         p -= 1

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from .._topk_scan import PARTS
+from .._topk_scan import PARTS, insert_descending
 from ._attend_scan import attend_picked_row, key_score
 
 
@@ -37,20 +37,6 @@ def list_members(lists, nlist, members, offsets):  # pragma: no cover - compiled
         for l in range(nlist, 0, -1):
             offsets[g, l] = offsets[g, l - 1]
         offsets[g, 0] = 0
-
-
-@numba.njit(inline="always")
-def _insert_by_score(best, where, held, value, index):  # pragma: no cover - compiled
-    """`insert_descending`, with equal scores ranked by key (the smaller first) whatever order they come in. Returns
-    the new length."""
-    p = held if held < best.shape[0] else best.shape[0] - 1
-    while p > 0 and (best[p - 1] < value or (best[p - 1] == value and where[p - 1] > index)):
-        best[p] = best[p - 1]
-        where[p] = where[p - 1]
-        p -= 1
-    best[p] = value
-    where[p] = index
-    return min(held + 1, best.shape[0])
 
 
 @numba.njit(fastmath={"contract"})
@@ -102,7 +88,7 @@ def _row(
                 continue
             s = key_score(r, query, keys, group, j, scaling, softcap)
             if held < budget or s > best[budget - 1] or (s == best[budget - 1] and j < where[budget - 1]):
-                held = _insert_by_score(best[:budget], where[:budget], held, s, j)
+                held = insert_descending(best[:budget], where[:budget], held, s, j, True)
     searched[r] = scanned
     for c in range(held):
         picked[count + c] = where[c]
