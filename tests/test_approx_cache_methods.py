@@ -277,8 +277,11 @@ def test_h2o_accumulation_equals_a_loop_over_queries() -> None:
         torch.testing.assert_close(acc[b, h], torch.tensor(expected, dtype=torch.float64), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize(("fn", "args"), [("h2o", {"heavy_ratio": 0.5}), ("h2o", {"heavy_ratio": 0.875}),
-                                          ("snapkv", {"window": 4}), ("snapkv", {"window": 8, "kernel": 3})])  # fmt: skip
+@pytest.mark.parametrize(
+    ("fn", "args"),
+    [("h2o", {"heavy_ratio": 0.5}), ("h2o", {"heavy_ratio": 0.875}), ("snapkv", {"window": 4}),
+     ("snapkv", {"window": 8, "kernel": 3})],
+)  # fmt: skip
 def test_eviction_kernels_equal_the_tensor_rules_on_long_rows(fn: str, args: dict, monkeypatch) -> None:
     """Rows of hundreds of keys, where the kernels pass over whole blocks of keys that cannot enter their lists
     (h2o: the previous row's heavy hitters bound the row's from below; both: once the list is full, by its last

@@ -5,7 +5,10 @@ A convention every kernel module keeps: a helper that needs fastmath flags (a do
 polynomial contracted to fused multiply-adds) is a plain `@numba.njit(fastmath=...)`, never `inline="always"`.
 numba inlines an `inline="always"` function into its caller's IR, which is then compiled with the caller's flags:
 the helper's own are dropped, and its loops run one scalar at a time (key scoring 2.5x slower, h2o's softmax
-a third slower). LLVM still inlines the plain function, keeping the flags on its instructions."""
+a third slower). LLVM still inlines the plain function, keeping the flags on its instructions.
+
+numba's disk cache (`cache=True`) is not invalidated by an edit to a helper a kernel imports from another module:
+after changing one, measure or test with a fresh `NUMBA_CACHE_DIR` (a clean clone or `pip install` is fresh)."""
 
 from __future__ import annotations
 

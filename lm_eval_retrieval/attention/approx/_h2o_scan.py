@@ -10,8 +10,7 @@ import numba
 import numpy as np
 
 from .._softmax_scan import count_and_top, exp_shifted, visible_span
-from .._topk_scan import BLOCK, insert_descending
-from ._pick_scan import fill_invisible, largest, take_ranked, take_recent
+from ._pick_scan import fill_invisible, take_best_newest_first, take_ranked, take_recent
 
 
 @numba.njit(fastmath={"contract", "nsz"})
@@ -76,17 +75,7 @@ def h2o_select(logits, acc, heavy, ids, valid, counts):  # pragma: no cover - co
                 # Heavy hitters among the older visible keys: newest first, so an equal acc never displaces
                 # a more recent key; best_* kept sorted by acc descending.
                 floor = _heavy_floor(row, sums, oldest, previous, previous_held) if heavy > 0 else np.inf
-                held = 0
-                end = oldest
-                while end > 0 and heavy > 0:
-                    start = max(end - BLOCK, 0)
-                    most = largest(sums[start:end])
-                    if most >= floor and (held < heavy or most > best_acc[held - 1]):
-                        for j in range(end - 1, start - 1, -1):
-                            a = sums[j]
-                            if row[j] > -np.inf and a >= floor and (held < heavy or a > best_acc[held - 1]):
-                                held = insert_descending(best_acc, best_id, held, a, j)
-                    end = start
+                held = take_best_newest_first(row, sums, 0, oldest, floor, best_acc, best_id)
                 found = take_ranked(best_id, held, ids[g, i], valid[g, i], found)
                 previous[:held] = best_id[:held]
                 previous_held = held if held == heavy else 0

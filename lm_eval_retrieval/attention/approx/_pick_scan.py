@@ -7,7 +7,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from .._topk_scan import insert_descending
+from .._topk_scan import BLOCK, insert_descending
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
@@ -82,3 +82,29 @@ def largest(values):  # pragma: no cover - compiled
     for j in range(values.shape[0]):
         top = values[j] if values[j] > top else top
     return top
+
+
+@numba.njit(inline="always")
+def take_best_newest_first(row, ranks, lo, end, floor, best, best_id):  # pragma: no cover - compiled
+    """The keys j in [lo, end) the row sees (row: float32 logits, -inf invisible) with the largest ranks[j] >= floor,
+    at most best.shape[0] of them, into best / best_id, largest first. Walked newest first, so an equal rank never
+    displaces a more recent key; BLOCK keys at a time, so a block whose largest rank is below `floor`, or not above
+    a full list's last entry, is passed over whole (`largest`). Returns how many were taken."""
+    cap = best.shape[0]
+    held = 0
+    if cap == 0:
+        return 0
+    while end > lo:
+        start = max(end - BLOCK, lo)
+        if held < cap and floor == -np.inf:  # (every visible key enters until the list is full)
+            enter = True
+        else:
+            most = largest(ranks[start:end])
+            enter = most >= floor and (held < cap or most > best[held - 1])
+        if enter:
+            for j in range(end - 1, start - 1, -1):
+                rank = ranks[j]
+                if row[j] > -np.inf and rank >= floor and (held < cap or rank > best[held - 1]):
+                    held = insert_descending(best, best_id, held, rank, j)
+        end = start
+    return held

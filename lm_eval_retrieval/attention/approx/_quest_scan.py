@@ -103,8 +103,9 @@ def quest_attend(
     query, keys, values, row_group, visible, row_mask, order, read, size, scaling, softcap, hidden, ids, out
 ):  # pragma: no cover - compiled
     """For each row r (a query of one head): the k = ids.shape[1] visible keys with the largest exact scores among
-    the pages order[r, :read[r]] (pages of `size` keys, as `pages_to_read` lists them), largest first, into ids[r] (then the row's first
-    invisible key hidden[row_mask[r]] in slots with no key left); the softmax attention over them into out[r].
+    the pages order[r, :read[r]] (pages of `size` keys, as `pages_to_read` lists them), largest first, into ids[r]
+    (then the row's first invisible key hidden[row_mask[r]] in slots with no key left); the softmax attention over
+    them into out[r].
 
     query (R, D) float32; keys/values (G, K, D) with row_group (R,); visible (M, K) bool with row_mask (R,)."""
     rows = ids.shape[0]

@@ -15,8 +15,7 @@ import numba
 import numpy as np
 
 from .._softmax_scan import count_and_top, exp_shifted, visible_span
-from .._topk_scan import BLOCK, insert_descending
-from ._pick_scan import fill_invisible, largest, take_ranked, take_recent
+from ._pick_scan import fill_invisible, take_best_newest_first, take_ranked, take_recent
 
 
 @numba.njit(fastmath={"contract", "nsz", "nnan", "ninf"})
@@ -135,16 +134,8 @@ def snapkv_prompt(logits, earlier, window, kernel, average, ids, valid, counts, 
                         if row[c] > -np.inf:
                             votes[c] = max(votes[c] - ring[back, c], 0.0)
                 _pool(votes[:reach], lo, prefix_end, half, kernel, average, pooled)
-                held = 0
-                end = prefix_end
-                while end > lo:  # newest first: an equal vote never displaces a newer key
-                    start = max(end - BLOCK, lo)
-                    # a block none of whose votes beats the full list's last is passed over whole
-                    if held < wanted or largest(pooled[start:end]) > best[held - 1]:
-                        for c in range(end - 1, start - 1, -1):
-                            if row[c] > -np.inf and (held < wanted or pooled[c] > best[held - 1]):
-                                held = insert_descending(best[:wanted], best_id[:wanted], held, pooled[c], c)
-                    end = start
+                # newest first: an equal vote never displaces a newer key
+                held = take_best_newest_first(row, pooled, lo, prefix_end, -np.inf, best[:wanted], best_id[:wanted])
                 found = take_ranked(best_id, held, ids[g, i], valid[g, i], found)
             fill_invisible(row, ids[g, i], valid[g, i], found)  # where fewer than k were chosen
         for m in range(kept):
