@@ -301,6 +301,40 @@ def test_sparq_full_rank_picks_the_exact_topk() -> None:
     assert_same_choice(ids, mask, sets, K)
 
 
+@pytest.mark.parametrize("softcap", [None, 2.0])
+@pytest.mark.parametrize("q_len", [Q_LEN, K_LEN])  # the kernel on the calling thread, in numba's pool
+@pytest.mark.parametrize("name", ["sparq", "loki"])
+def test_a_plainly_causal_chunk_follows_the_rule_without_its_scores_written(
+    name: str, q_len: int, softcap: float | None
+) -> None:
+    """Where the probe says a chunk is plainly causal (query i sees keys 0 .. first + i), sparq and loki score
+    each row from its few components in one kernel (`reduced.causal_reduced_topk`) instead of a (queries x keys)
+    matmul and a masked top-k: the choice and the output still follow the paper's rule, and that kernel ran."""
+    from lm_eval_retrieval.attention.approx import reduced
+    from lm_eval_retrieval.attention.approx.common import sharing_chunk_logits
+
+    query, key, value, _ = make_inputs(13, q_len=q_len)
+    first = K_LEN - q_len
+    mask = torch.ones(BATCH, 1, q_len, K_LEN, dtype=torch.bool).tril(first)
+    module = softcapped(module_with(), softcap)
+    module._loki_basis = random_basis(4)
+    fn = {"sparq": sparq, "loki": loki}[name]
+    calls = []
+    own = reduced.causal_reduced_topk
+    with pytest.MonkeyPatch.context() as patch:
+        counted = lambda *args, **kwargs: calls.append(1) or own(*args, **kwargs)  # noqa: E731
+        patch.setattr(sys.modules[fn.__module__], "causal_reduced_topk", counted)
+        with sharing_chunk_logits(module, query, mask, lambda: None, None, first):
+            output, _, ids = fn(module, query, key, value, mask, SCALING, K)
+    assert calls
+    if name == "sparq":
+        sets, expected = sparq_reference(query, key, value, mask, SCALING, K, DIM // 8, softcap)
+    else:
+        sets, expected = loki_reference(query, key, value, mask, SCALING, K, module._loki_basis, DIM // 4, softcap)
+    assert_same_choice(ids, mask, sets, K)
+    torch.testing.assert_close(output.double(), expected, rtol=1e-5, atol=1e-6)
+
+
 def with_loki_calibrated(model) -> None:
     """Loki's basis from the keys of another text than the one measured."""
     torch.manual_seed(99)

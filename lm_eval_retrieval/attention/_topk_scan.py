@@ -135,7 +135,7 @@ def best_blocks_scan_serial(rows, ends, values, indices):  # pragma: no cover - 
 
 
 @numba.njit(inline="always")
-def _log_sum_exp(row, end, top, terms, bits):  # pragma: no cover - compiled
+def row_log_sum_exp(row, end, top, terms, bits):  # pragma: no cover - compiled
     """log sum exp(row[:end]) given its largest entry `top` (-inf for a row that sees nothing)."""
     if top == -np.inf:
         return -np.inf
@@ -154,7 +154,7 @@ def best_blocks_lse_scan(rows, ends, values, indices, lse):  # pragma: no cover 
         terms, bits = np.empty(width, dtype=np.float32), np.empty(width, dtype=np.int32)
         for r in range(p * count // parts, (p + 1) * count // parts):
             best_blocks_row(rows[r], ends[r], values[r], indices[r], maxima, block_max, block_id, lanes)
-            lse[r] = _log_sum_exp(rows[r], ends[r], values[r, 0], terms, bits)
+            lse[r] = row_log_sum_exp(rows[r], ends[r], values[r, 0], terms, bits)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -164,7 +164,7 @@ def best_blocks_lse_scan_serial(rows, ends, values, indices, lse):  # pragma: no
     terms, bits = np.empty(rows.shape[1], dtype=np.float32), np.empty(rows.shape[1], dtype=np.int32)
     for r in range(rows.shape[0]):
         best_blocks_row(rows[r], ends[r], values[r], indices[r], maxima, block_max, block_id, lanes)
-        lse[r] = _log_sum_exp(rows[r], ends[r], values[r, 0], terms, bits)
+        lse[r] = row_log_sum_exp(rows[r], ends[r], values[r, 0], terms, bits)
 
 
 @numba.njit(fastmath={"contract"})

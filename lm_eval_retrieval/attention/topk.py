@@ -96,7 +96,7 @@ def _best_blocks(  # type: ignore[no-untyped-def]
 ) -> tuple[torch.Tensor, ...]:
     size, width = scores.shape[-2], scores.shape[-1]
     rows = scores.reshape(-1, width)
-    ends = _row_ends(rows.shape[0] // size, size, width, causal_first)
+    ends = row_ends(rows.shape[0] // size, size, width, causal_first)
     values = torch.empty(rows.shape[0], k, dtype=scores.dtype)
     indices = torch.empty(rows.shape[0], k, dtype=torch.int64)
     shape = (*scores.shape[:-1], k)
@@ -117,7 +117,7 @@ def _upper(size: int, device: torch.device) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=64)
-def _row_ends(groups: int, size: int, width: int, causal_first: int | None) -> np.ndarray:
+def row_ends(groups: int, size: int, width: int, causal_first: int | None) -> np.ndarray:
     """One past the last column each row reads: causal_first + 1 + its index within its chunk of `size`, or the
     whole width. Shapes only, so every layer reuses it."""
     if causal_first is None:

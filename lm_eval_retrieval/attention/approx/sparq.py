@@ -31,6 +31,7 @@ from .common import (
     weighted_values,
 )
 from .contract import approx_args, method, report_scanned
+from .reduced import causal_reduced_topk
 
 NEG_INF = float("-inf")
 
@@ -57,12 +58,15 @@ def sparq(
     rank = sparq_rank(int(approx_args(module, sparq)["rank"]), dim)
     visible = attention_mask[..., :k_len].expand(batch, -1, q_len, k_len)
     softcap = module_softcap(module)
-    approx = _approximate_logits(query, key[:, :, :k_len], rank, scaling, softcap)
-    if first is None:  # (a plainly causal chunk's rows are read only up to their own key: no mask needed)
-        approx.masked_fill_(~visible, NEG_INF)
     # alpha: the approximate softmax mass of the k keys, exp(their scores - the row's log-normaliser), which the
     # top-k's kernel takes while each row is in cache (a row that sees nothing has no valid id: alpha 0).
-    scores, ids, lse = row_topk_lse(approx, k, first)
+    selected = None if first is None else _causal_select(query, key[:, :, :k_len], rank, scaling, softcap, k, first)
+    if selected is None:
+        approx = _approximate_logits(query, key[:, :, :k_len], rank, scaling, softcap)
+        if first is None:  # (a plainly causal chunk's rows are read only up to their own key: no mask needed)
+            approx.masked_fill_(~visible, NEG_INF)
+        selected = row_topk_lse(approx, k, first)
+    scores, ids, lse = selected
     valid = scores > NEG_INF
     ids = torch.where(valid, ids, ids[..., :1])
     alpha = torch.where(valid, (scores - lse.unsqueeze(-1)).exp(), 0.0).sum(-1, keepdim=True)
@@ -101,6 +105,20 @@ def _visible_value_sum(
 def sparq_rank(rank: int, dim: int) -> int:
     """The rank used: `rank` if set (clamped to 1..D), else D/8."""
     return min(dim, max(1, rank if rank > 0 else dim // 8))
+
+
+def _causal_select(
+    query: torch.Tensor, key: torch.Tensor, rank: int, scaling: float, softcap: float | None, k: int, first: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """`row_topk_lse` of the reduced scores of a plainly causal chunk (query i sees keys 0 .. first + i) from the
+    rows of the transposed keys that the query's r largest components pick, without writing the scores
+    (`reduced.causal_reduced_topk`); None where that does not apply."""
+    q = query.float()
+    magnitude = q.abs()
+    dims = magnitude.topk(rank, dim=-1).indices
+    share = magnitude.gather(-1, dims).sum(-1, keepdim=True) / magnitude.sum(-1, keepdim=True).clamp(min=1e-30)
+    weights = q.gather(-1, dims) * (scaling / share.clamp(min=1e-30).sqrt())
+    return causal_reduced_topk(weights, dims, key.transpose(-1, -2), k, first, softcap, with_lse=True)
 
 
 def _approximate_logits(
