@@ -60,28 +60,35 @@ def best_blocks_row(row, row_end, best, where, maxima, block_max, block_id, lane
     for c in range(k):
         block_max[c] = -np.inf
         block_id[c] = 0
+    cut = -np.inf  # block_max[k - 1], in a register between insertions
     for b in range(blocks):
         m = maxima[b]
-        if m > block_max[k - 1]:
+        if m > cut:
             insert_descending(block_max, block_id, k, m, b)
+            cut = block_max[k - 1]
     for j in range(k):
         best[j] = -np.inf
         where[j] = j
     # k blocks reach the k-th largest block maximum, so none of the k largest scores is below it: a score under it
-    # is passed over without touching the list (which, starting empty, took every score until it filled).
+    # is passed over without touching the list (which, starting empty, took every score until it filled). The
+    # blocks come in decreasing maximum: once the list is full and a block's maximum does not beat its last entry,
+    # no score of that block or of any later one can enter (the last, partial block is still read). `last` holds
+    # best[k - 1] in a register between insertions, so the common case is two compares per score.
     floor = block_max[k - 1]
+    last = -np.inf
     for c in range(k + 1):
         if c < k:
-            if block_max[c] == -np.inf:
-                continue
+            if block_max[c] == -np.inf or block_max[c] <= last:
+                continue  # (-inf, or not above a full list's last entry: so is every later block but the partial one)
             start = block_id[c] * block
             end = start + block
         else:
             start, end = blocks * block, width
         for j in range(start, end):
             v = row[j]
-            if v >= floor and v > best[k - 1]:
+            if v >= floor and v > last:
                 insert_descending(best, where, k, v, j)
+                last = best[k - 1]
     if best[k - 1] == -np.inf:  # fewer than k finite scores: the placeholders name -inf entries, as torch.topk's do
         c = 0
         while c < k and best[c] > -np.inf:
