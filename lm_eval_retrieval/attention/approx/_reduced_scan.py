@@ -15,7 +15,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from .._topk_scan import PARTS, best_blocks_row, row_log_sum_exp, topk_scratch
+from .._topk_scan import PARTS, best_blocks_row, insert_descending, row_log_sum_exp, topk_scratch
 
 
 @numba.njit(fastmath={"contract"})
@@ -80,3 +80,31 @@ def reduced_select_serial(
     scratch = _scratch(components.shape[2], values.shape[1])
     for r in range(values.shape[0]):
         _select_row(r, weights, dims, row_group, components, ends, softcap, values, indices, lse, scratch)
+
+
+@numba.njit(cache=True, nogil=True)
+def largest_components(query, scaling, weights, dims):  # pragma: no cover - compiled
+    """SparQ's components for `reduced_select`: for each row of query (R, D) float32, its r = dims.shape[1]
+    components of largest magnitude (the first of equal ones) into dims, largest first, and into weights each
+    component times scaling / sqrt(|q_r|_1 / |q|_1), the paper's temperature with the model's scaling. One pass on
+    the calling thread: a row is D numbers."""
+    rank = dims.shape[1]
+    magnitudes = np.empty(rank, dtype=np.float32)
+    for r in range(query.shape[0]):
+        row = query[r]
+        total = np.float32(0.0)
+        for i in range(rank):
+            magnitudes[i] = -np.inf
+            dims[r, i] = 0
+        for d in range(row.shape[0]):
+            magnitude = abs(row[d])
+            total += magnitude
+            if magnitude > magnitudes[rank - 1]:
+                insert_descending(magnitudes, dims[r], rank, magnitude, d)
+        kept = np.float32(0.0)
+        for i in range(rank):
+            kept += magnitudes[i]
+        share = kept / max(total, np.float32(1e-30))
+        factor = np.float32(scaling) / np.sqrt(max(share, np.float32(1e-30)))
+        for i in range(rank):
+            weights[r, i] = row[dims[r, i]] * factor

@@ -47,3 +47,25 @@ def causal_reduced_topk(
     )  # fmt: skip
     shape = (batch, q_heads, q_len)
     return values.view(*shape, k), indices.view(*shape, k), lse.view(shape) if with_lse else None
+
+
+def largest_components(
+    query: torch.Tensor, rank: int, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(weights, dims) (B, Hq, Q, r) for `causal_reduced_topk` from SparQ's rule: each query's r components of
+    largest magnitude, each times scaling / sqrt(|q_r|_1 / |q|_1); None off the CPU or without numba. One kernel
+    pass over the queries, where torch's top-k, gathers and sums cost a dozen small tensors per chunk."""
+    if query.device.type != "cpu":
+        return None
+    kernels = numba_module("approx._reduced_scan")
+    if kernels is None:
+        return None
+    batch, q_heads, q_len, dim = query.shape
+    rows = batch * q_heads * q_len
+    weights = torch.empty(rows, rank)
+    dims = torch.empty(rows, rank, dtype=torch.int64)
+    kernels.largest_components(
+        query.float().reshape(rows, dim).contiguous().numpy(), float(scaling), weights.numpy(), dims.numpy()
+    )
+    shape = (batch, q_heads, q_len, rank)
+    return weights.view(shape), dims.view(shape)

@@ -31,7 +31,7 @@ from .common import (
     weighted_values,
 )
 from .contract import approx_args, method, report_scanned
-from .reduced import causal_reduced_topk
+from .reduced import causal_reduced_topk, largest_components
 
 NEG_INF = float("-inf")
 
@@ -113,12 +113,10 @@ def _causal_select(
     """`row_topk_lse` of the reduced scores of a plainly causal chunk (query i sees keys 0 .. first + i) from the
     rows of the transposed keys that the query's r largest components pick, without writing the scores
     (`reduced.causal_reduced_topk`); None where that does not apply."""
-    q = query.float()
-    magnitude = q.abs()
-    dims = magnitude.topk(rank, dim=-1).indices
-    share = magnitude.gather(-1, dims).sum(-1, keepdim=True) / magnitude.sum(-1, keepdim=True).clamp(min=1e-30)
-    weights = q.gather(-1, dims) * (scaling / share.clamp(min=1e-30).sqrt())
-    return causal_reduced_topk(weights, dims, key.transpose(-1, -2), k, first, softcap, with_lse=True)
+    weights_dims = largest_components(query, rank, scaling)
+    if weights_dims is None:
+        return None
+    return causal_reduced_topk(*weights_dims, key.transpose(-1, -2), k, first, softcap, with_lse=True)
 
 
 def _approximate_logits(
