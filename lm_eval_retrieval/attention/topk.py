@@ -70,12 +70,9 @@ def row_topk_lse(
     return values, indices, torch.logsumexp(scores, dim=-1)
 
 
-def topk_ids(scores: torch.Tensor, k: int, causal_first: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, valid) of the k largest finite entries of each row of an approximation's `scores` (-inf where a key
-    is not visible), as `row_topk` finds them (`causal_first`: as there, row i sees columns up to causal_first + i
-    whatever the later ones hold). A row with fewer than k finite scores fills the rest with repeats of its first
-    id, valid False (the probe counts a repeat once, and the output gives it no weight)."""
-    values, ids = row_topk(scores, k, causal_first)
+def placeholder_ids(values: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, valid) from a top-k's (values, ids): a slot whose value is -inf (fewer than k finite scores) names its
+    row's first id instead, valid False (the probe counts a repeat once, and the output gives it no weight)."""
     valid = values > float("-inf")
     return torch.where(valid, ids, ids[..., :1]), valid
 

@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import torch
 
 from ...errors import UserInputError
-from ..topk import topk_ids
+from ..topk import placeholder_ids, row_topk
 from .common import attend_valid, module_softcap, scores_against, seen_width, shared_causal_first, shared_scores
 from .contract import approx_args, method, report_scanned
 from .reduced import causal_reduced_topk
@@ -51,34 +51,24 @@ def loki(
     reduced_query = _project(query, basis)
     reduced_key_t = _project(key[:, :, :k_len], basis).transpose(-1, -2)
     first = shared_causal_first(module, query)
-    ids, valid = _causal_ids(reduced_query, reduced_key_t, scaling, k, first) if first is not None else (None, None)
-    if ids is None:
+    # On a plainly causal chunk the reduced scores are never written (`reduced.causal_reduced_topk`, every
+    # component weighted by the query's projection); elsewhere they are a matmul, masked, then a top-k.
+    picked = None
+    if first is not None:
+        dims = torch.arange(reduced_query.shape[-1], device=query.device).expand(reduced_query.shape)
+        picked = causal_reduced_topk(reduced_query * scaling, dims, reduced_key_t, k, first, None, with_lse=False)
+    if picked is None:
         approx = scores_against(reduced_query, reduced_key_t, scaling)
         if first is None:  # (a plainly causal chunk's top-k stops at each row's own key: no mask needed)
             approx.masked_fill_(~visible, NEG_INF)
-        ids, valid = topk_ids(approx, k, first)
+        picked = row_topk(approx, k, first)
+    ids, valid = placeholder_ids(*picked[:2])
     output = attend_valid(
         query, key, value, ids, valid, scaling, module_softcap(module), shared_scores(module, query)
     )
     seen = visible.sum(-1).expand(batch, q_heads, q_len)
     report_scanned(module, seen * (rank / dim))
     return output, None, ids
-
-
-def _causal_ids(
-    reduced_query: torch.Tensor, reduced_key_t: torch.Tensor, scaling: float, k: int, first: int
-) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
-    """`topk_ids` of a plainly causal chunk's reduced scores (query i sees keys 0 .. first + i), without writing
-    them (`reduced.causal_reduced_topk`, every component weighted by the query's projection); (None, None) where
-    that does not apply."""
-    rank = reduced_query.shape[-1]
-    dims = torch.arange(rank, device=reduced_query.device).expand(reduced_query.shape)
-    picked = causal_reduced_topk(reduced_query * scaling, dims, reduced_key_t, k, first, None, with_lse=False)
-    if picked is None:
-        return None, None
-    values, ids, _ = picked
-    valid = values > NEG_INF
-    return torch.where(valid, ids, ids[..., :1]), valid
 
 
 def loki_rank(rank: int, dim: int) -> int:

@@ -27,9 +27,7 @@ def causal_reduced_topk(
 
     weights (B, Hq, Q, r) float32; dims (B, Hq, Q, r) int64; components (B, Hkv, C, W): one row per component
     (the transposed keys for SparQ, the keys' projections for Loki), W >= first + Q keys."""
-    if weights.device.type != "cpu":
-        return None
-    kernels = numba_module("approx._reduced_scan")
+    kernels = _kernels(weights.device)
     if kernels is None:
         return None
     batch, q_heads, q_len, rank = weights.shape
@@ -55,9 +53,7 @@ def largest_components(
     """(weights, dims) (B, Hq, Q, r) for `causal_reduced_topk` from SparQ's rule: each query's r components of
     largest magnitude, each times scaling / sqrt(|q_r|_1 / |q|_1); None off the CPU or without numba. One kernel
     pass over the queries, where torch's top-k, gathers and sums cost a dozen small tensors per chunk."""
-    if query.device.type != "cpu":
-        return None
-    kernels = numba_module("approx._reduced_scan")
+    kernels = _kernels(query.device)
     if kernels is None:
         return None
     batch, q_heads, q_len, dim = query.shape
@@ -69,3 +65,8 @@ def largest_components(
     )
     shape = (batch, q_heads, q_len, rank)
     return weights.view(shape), dims.view(shape)
+
+
+def _kernels(device: torch.device):  # type: ignore[no-untyped-def]
+    """The compiled `_reduced_scan` module on a CPU; None elsewhere or without numba (the torch paths are used)."""
+    return numba_module("approx._reduced_scan") if device.type == "cpu" else None

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from ..topk import row_topk_lse
+from ..topk import placeholder_ids, row_topk_lse
 from .common import (
     attend_valid,
     module_softcap,
@@ -67,8 +67,7 @@ def sparq(
             approx.masked_fill_(~visible, NEG_INF)
         selected = row_topk_lse(approx, k, first)
     scores, ids, lse = selected
-    valid = scores > NEG_INF
-    ids = torch.where(valid, ids, ids[..., :1])
+    ids, valid = placeholder_ids(scores, ids)
     alpha = torch.where(valid, (scores - lse.unsqueeze(-1)).exp(), 0.0).sum(-1, keepdim=True)
     picked = attend_valid(query, key, value, ids, valid, scaling, softcap, shared_scores(module, query))
     if first is None:
