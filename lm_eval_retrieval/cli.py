@@ -296,9 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--output_path", default=None, help="default results/mask-sweep-<model>")
     board = sub.add_parser("leaderboard", help="every approximation x budget end to end: quality, cost, task metrics")
     board.add_argument("--model_args", default="pretrained=smollm2-135m")
-    board.add_argument("--methods", default="streaming,h2o,snapkv,quest,loki,sparq,ivf,simhash,exact_topk",
-                       help="comma-separated approx= names (magicpig is not in the default: its prefill on a CPU "
-                            "costs minutes per layer at 2k tokens)")
+    board.add_argument("--methods", default="streaming,h2o,snapkv,quest,loki,sparq,magicpig,ivf,simhash,exact_topk",
+                       help="comma-separated approx= names")
     board.add_argument("--budgets", default="32,128",
                        help="comma-separated budgets: keys per query (128) or shares of each query's visible keys (5%%)")
     board.add_argument("--tasks", default="retrieval_ppl_en")

@@ -60,22 +60,26 @@ def _sampling_probability(cosine, bits, tables, least):
 
 
 def magicpig_reference(layer, query, key, value, mask, scaling, bits, tables, least, sinks, window, center, floor,
-                       softcap=None):  # fmt: skip
-    """Per query, float64: static keys; candidates centred by their mean; SimHash codes per table from the layer's
-    documented hyperplanes; sampled when >= `least` tables collide; weights exp(s) / (p + floor)."""
+                       softcap=None, prompt_len=None):  # fmt: skip
+    """Per query, float64: static keys; candidates centred by the mean of the prompt's candidates (this call's keys
+    that some query sees, but the first `sinks` and last `window`), once per batch row and KV head; SimHash codes
+    per table from the layer's documented hyperplanes; sampled when >= `least` tables collide; weights
+    exp(s) / (p + floor). `prompt_len`: the prompt was the first keys only (a decode step after it)."""
     batch, q_heads, q_len, dim = query.shape
     group = q_heads // key.shape[1]
     planes = torch.randn(dim, bits * tables, generator=torch.Generator().manual_seed(PLANE_SEED + layer)).double()
     sets, out = {}, torch.zeros(batch, q_heads, q_len, value.shape[-1], dtype=torch.float64)
     for b in range(batch):
+        tokens = [j for j in mask[b].any(0).any(0).nonzero().flatten().tolist() if j < (prompt_len or key.shape[2])]
+        prompt = [j for j in tokens if j not in _static(tokens, sinks, window)]
         for h in range(q_heads):
             keys, values = key[b, h // group].double(), value[b, h // group].double()
+            centre = keys[prompt].mean(0) if prompt and center else torch.zeros(dim, dtype=torch.float64)
             for i in range(q_len):
                 q = query[b, h, i].double()
                 visible = mask[b, 0, i].nonzero().flatten().tolist()
                 static = _static(visible, sinks, window)
                 candidates = [j for j in visible if j not in static]
-                centre = keys[candidates].mean(0) if candidates and center else torch.zeros(dim, dtype=torch.float64)
                 q_code = (q @ planes > 0).view(tables, bits)
                 terms = [(_score(q, keys[j], scaling, softcap), j) for j in static]
                 sampled = set()
@@ -94,23 +98,122 @@ def magicpig_reference(layer, query, key, value, mask, scaling, bits, tables, le
     return sets, out
 
 
+def _kernel_spy(monkeypatch, numba: bool) -> list:
+    """Route magicpig to its tensor path (numba False), or record that it asked for its kernels."""
+    module_of = sys.modules[magicpig.__module__]
+    asked: list = []
+    real = module_of.numba_module
+    monkeypatch.setattr(module_of, "numba_module", lambda name: asked.append(name) or (real(name) if numba else None))
+    return asked
+
+
+def _check_magicpig(ids, output, sets, expected, mask):
+    for (b, h, i), chosen in sets.items():
+        assert _chosen_set(ids[b, h, i], mask[b, 0, i].nonzero().flatten().tolist()) == chosen, (b, h, i)
+    torch.testing.assert_close(output.double(), expected, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("softcap", [None, 20.0])
 @pytest.mark.parametrize("center", [True, False])
-def test_magicpig_follows_its_rule(softcap, center) -> None:
-    query, key, value, mask = _inputs()
+@pytest.mark.parametrize(("numba", "q_len"), [(True, 12), (True, 48), (False, 12)])  # serial, parallel, tensors
+def test_magicpig_follows_its_rule(softcap, center, numba: bool, q_len: int, monkeypatch) -> None:
+    asked = _kernel_spy(monkeypatch, numba)
+    query, key, value, mask = _inputs(q_len=q_len)
     mask[0, :, 0, 5:] = False  # a query that sees only 5 keys
     args = dict(bits=3, tables=6, min_collisions=2, sinks=2, window=3, center=center, p_floor=1e-4)
     module = _module(layer=5, softcap=softcap, **args)
     output, scores, ids = magicpig(module, query, key, value, mask, 0.25, 6)
+    assert asked and set(asked) == {"approx._magicpig_scan"}
     assert scores is None and output.dtype == torch.float32 and ids.shape[:3] == query.shape[:3]
     assert int(ids.min()) >= 0 and int(ids.max()) < key.shape[2]
     sets, expected = magicpig_reference(5, query, key, value, mask, 0.25, 3, 6, 2, 2, 3, center, 1e-4, softcap)
-    for (b, h, i), chosen in sets.items():
-        assert _chosen_set(ids[b, h, i], mask[b, 0, i].nonzero().flatten().tolist()) == chosen, (b, h, i)
-    torch.testing.assert_close(output.double(), expected, rtol=1e-5, atol=1e-6)
+    _check_magicpig(ids, output, sets, expected, mask)
     seen = mask.sum(-1).double()  # (B, 1, Q)
     candidates = seen - seen.clamp(max=2 + 3)
     torch.testing.assert_close(take_scanned(module), (18 * (1 + candidates / 16)).expand(2, 4, -1))
+
+
+@pytest.mark.parametrize("numba", [True, False])
+def test_magicpig_hashes_the_prompt_once_and_extends_it_at_decode(numba: bool, monkeypatch) -> None:
+    """A prompt handed over in query chunks (with its tokens recorded, as the probe does) equals the prompt in one
+    call, though the first chunk's rows see none of the later keys that the centre averages; a decode step's key is
+    centred by the prompt's centre, not by a mean that includes it."""
+    _kernel_spy(monkeypatch, numba)
+    query, key, value, mask = _inputs(q_len=30, k_len=30)
+    args = dict(bits=3, tables=6, sinks=1, window=2)
+    whole = magicpig(_module(**args), query, key, value, mask, 0.25, 6)
+    chunked = _module(**args)
+    reset_state(chunked, mask[:, 0].diagonal(0, -2, -1))
+    parts = [magicpig(chunked, query[:, :, s : s + 10], key, value, mask[:, :, s : s + 10], 0.25, 6)
+             for s in (0, 10, 20)]  # fmt: skip
+    torch.testing.assert_close(torch.cat([p[0] for p in parts], dim=2), whole[0])
+    for part, start in zip(parts, (0, 10, 20)):
+        for b in range(2):
+            for i in range(10):
+                visible = mask[b, 0, start + i].nonzero().flatten().tolist()
+                for h in range(4):
+                    assert _chosen_set(part[2][b, h, i], visible) == _chosen_set(whole[2][b, h, start + i], visible)
+    torch.manual_seed(5)
+    step_q, new_k, new_v = torch.randn(2, 4, 1, 16), 3 + torch.randn(2, 2, 1, 16), torch.randn(2, 2, 1, 16)
+    key2, value2 = torch.cat([key, new_k], dim=2), torch.cat([value, new_v], dim=2)
+    step_mask = torch.ones(2, 1, 1, 31, dtype=torch.bool)
+    step_mask[1, :, :, :10] = False
+    output, _, ids = magicpig(chunked, step_q, key2, value2, step_mask, 0.25, 6)
+    sets, expected = magicpig_reference(3, step_q, key2, value2, step_mask, 0.25, 3, 6, 2, 1, 2, True, 1e-4,
+                                        prompt_len=30)  # fmt: skip
+    _check_magicpig(ids, output, sets, expected, step_mask)
+
+
+@pytest.mark.parametrize("reset", [True, False])
+def test_magicpig_two_documents_each_get_what_they_get_alone(reset) -> None:
+    args = dict(bits=3, tables=6, sinks=1, window=2)
+    docs = [_inputs(seed=s, q_len=24, k_len=24) for s in (1, 2)]
+    alone = [magicpig(_module(**args), *doc, 0.25, 5) for doc in docs]
+    shared = _module(**args)
+    for doc, expected in zip(docs, alone):
+        got = magicpig(shared, *doc, 0.25, 5)
+        torch.testing.assert_close(got[0], expected[0])
+        assert torch.equal(got[2], expected[2])
+        if reset:
+            reset_state(shared)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        dict(bits=4, tables=9, min_collisions=0),  # every candidate sampled
+        dict(bits=4, tables=9, min_collisions=1),
+        dict(bits=2, tables=150, min_collisions=30),  # more tables than an int8 counts
+        dict(bits=13, tables=5, min_collisions=1),  # too many bits for buckets: every candidate compared
+        dict(bits=20, tables=4, min_collisions=1),  # int32 codes
+    ],
+)
+@pytest.mark.parametrize("q_len", [12, 48])  # a decode-like call compares codes; a prompt's goes through buckets
+def test_magicpig_kernel_equals_the_tensor_rule(args, q_len: int, monkeypatch) -> None:
+    """The CPU kernel against the tensor path (itself held to the reference above) wherever their mechanics part:
+    sampling without collisions, int16 collision counts, codes wider than 16 bits, the compared and the bucketed
+    search; and with the probe's scores of the chunk shared, which the kernel reads instead of dot products."""
+    from lm_eval_retrieval.attention.approx.common import sharing_chunk_logits
+
+    query, key, value, mask = _inputs(q_len=q_len)
+    mask[0, :, 0, 5:] = False
+    args = dict(args, sinks=2, window=3)
+    got = magicpig(_module(**args), query, key, value, mask, 0.25, 6)
+    scores = (query @ key.repeat_interleave(2, dim=1).transpose(-1, -2) * 0.25).contiguous()
+    shared_module = _module(**args)
+    with sharing_chunk_logits(shared_module, query, mask, lambda: scores, scores, None):
+        shared = magicpig(shared_module, query, key, value, mask, 0.25, 6)
+    _kernel_spy(monkeypatch, False)
+    expected = magicpig(_module(**args), query, key, value, mask, 0.25, 6)
+    for result in (got, shared):
+        torch.testing.assert_close(result[0], expected[0], rtol=1e-5, atol=1e-6)
+        for b in range(2):
+            for h in range(4):
+                for i in range(q_len):
+                    visible = mask[b, 0, i].nonzero().flatten().tolist()
+                    assert _chosen_set(result[2][b, h, i], visible) == _chosen_set(expected[2][b, h, i], visible)
+    if args["min_collisions"] == 0:  # p = 1 for every candidate: each visible key is attended
+        assert got[2].shape[-1] == key.shape[2]
 
 
 def test_magicpig_static_window_covering_everything_is_exact_attention() -> None:

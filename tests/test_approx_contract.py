@@ -13,8 +13,11 @@ from lm_eval_retrieval.attention.approx.contract import (
     approx_state,
     method,
     parse_approx_args,
+    sequence_tokens,
     set_approx_args,
 )
+from lm_eval_retrieval.attention.hook import AttentionCall
+from lm_eval_retrieval.attention.probes import token_keys
 from lm_eval_retrieval.errors import UserInputError
 from lm_eval_retrieval.models.ret_approx import RetApproxLM
 from test_approx_probe import _batch, analysed_run
@@ -110,3 +113,46 @@ def test_cost_is_the_share_of_visible_keys(approx_fn) -> None:  # type: ignore[n
     torch.testing.assert_close(stats.means("scanned"), torch.full_like(stats.means("scanned"), float(expected_scanned)))
     attended = stats.means("attended")  # both pick min(k, visible) distinct visible keys
     torch.testing.assert_close(attended, torch.full_like(attended, float(expected_attended)))
+
+
+def recording_tokens(module, query, key, value, attention_mask, scaling, topk):  # type: ignore[no-untyped-def]
+    if query.shape[2] > 1:  # a prompt chunk
+        module._tokens_log = getattr(module, "_tokens_log", []) + [sequence_tokens(module, attention_mask).clone()]
+    return exact_topk(module, query, key, value, attention_mask, scaling, topk)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_the_probe_records_which_prompt_keys_are_tokens(arch: str) -> None:
+    """Every chunk of a left-padded prompt, the first included, learns the whole prompt's tokens (the padding
+    mask), though its own rows see only the keys up to their own."""
+    model = tiny_model(arch)
+    ids, padding = _batch(24)
+    analysed_run(model, recording_tokens, ids, padding, chunk_elements=2 * 4 * 24 * 6)  # chunks of 6 queries
+    modules = [m for m in model.modules() if hasattr(m, "_tokens_log")]
+    assert modules
+    for module in modules:
+        assert len(module._tokens_log) >= 4
+        for tokens in module._tokens_log:
+            assert torch.equal(tokens, padding[:, :24].bool())
+
+
+def _call(mask: torch.Tensor) -> AttentionCall:
+    batch, k_len = mask.shape[0], mask.shape[-1]
+    return AttentionCall(torch.nn.Module(), 0, torch.zeros(batch, 2, k_len, 4), torch.zeros(batch, 1, k_len, 4),
+                         torch.zeros(batch, 1, k_len, 4), mask, 1.0, {})  # fmt: skip
+
+
+def test_token_keys_read_padding_from_any_mask() -> None:
+    """Left padding whose rows see nothing, left padding whose rows a backend unmasked (they see every key), right
+    padding, and the same as an additive float mask: the tokens are the real positions."""
+    length = 6
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    real = torch.tensor([[0, 0, 1, 1, 1, 1], [0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]], dtype=torch.bool)
+    mask = (causal & real[:, None, :])[:, None].clone()
+    mask[1, 0, 0] = True  # an unmasked padding row
+    assert torch.equal(token_keys(_call(mask)), real)
+    additive = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+    assert torch.equal(token_keys(_call(additive)), real)
+    plain = AttentionCall(torch.nn.Module(), 0, torch.zeros(2, 2, 4, 4), torch.zeros(2, 1, 4, 4),
+                          torch.zeros(2, 1, 4, 4), None, 1.0, {})  # fmt: skip
+    assert torch.equal(token_keys(plain), torch.ones(2, 4, dtype=torch.bool))

@@ -36,6 +36,25 @@ def visible_mask(call: AttentionCall, q_start: int, q_end: int) -> torch.Tensor:
     return mask
 
 
+def token_keys(call: AttentionCall) -> torch.Tensor:
+    """Bool (B, K) for a call with no cached keys (a prefill: query i is key i's token): key j is a token, not
+    padding, if its own query sees it and does not see key j + 1. A padding query's own key is masked, or, where a
+    backend "unmasked" a padding row to avoid NaNs, it sees the next key too. Two diagonals of the mask: no pass
+    over its (queries x keys)."""
+    batch, k_len = call.query.shape[0], call.key.shape[2]
+    mask = call.attention_mask
+    if mask is None:
+        return torch.ones(batch, k_len, dtype=torch.bool, device=call.key.device)
+    square = mask[:, 0, -k_len:, -k_len:]
+    own, after = square.diagonal(0, -2, -1), square.diagonal(1, -2, -1)
+    if mask.dtype != torch.bool:
+        floor = torch.finfo(mask.dtype).min / 2
+        own, after = own > floor, after > floor
+    tokens = own.clone()
+    tokens[:, :-1] &= ~after
+    return tokens.expand(batch, -1)  # a mask broadcast over the batch has one row
+
+
 class _CausalMasks:
     """The causal masks of one forward pass's chunks, each built once and shared by every layer: read-only, like
     every mask an approximation gets. A prefill's layers ask for the same chunks in the same order, which a
@@ -346,7 +365,7 @@ class ApproxProbe:
         batch, q_heads, q_len, _ = call.query.shape
         k_len = call.key.shape[2]
         if k_len == q_len:  # no cached keys: a new sequence, so a stateful approximation starts afresh
-            reset_state(call.module)
+            reset_state(call.module, token_keys(call))
         if self._device_sums is None:
             layers, heads = self._stats.queries.shape
             dtype = torch.float64 if call.query.device.type != "mps" else torch.float32

@@ -26,8 +26,7 @@ def _code(projections):  # pragma: no cover - compiled
     """Bit i set where projection i is positive."""
     code = 0
     for i in range(projections.shape[0]):
-        if projections[i] > 0:
-            code |= 1 << i
+        code |= np.int64(projections[i] > 0) << i  # no branch: random signs would mispredict half of them
     return code
 
 
@@ -160,7 +159,8 @@ def _attend_row(
 
 
 @numba.njit(inline="always")
-def _row_extent(visible, counts, ends, m):  # pragma: no cover - compiled
+def row_extent(visible, counts, ends, m):  # pragma: no cover - compiled
+    """counts[m] and ends[m]: mask row m's visible keys, and one past its last one (shared with magicpig's kernel)."""
     row = visible[m]
     end = row.shape[0]
     while end > 0 and not row[end - 1]:
@@ -188,7 +188,7 @@ def simhash_attend(
     sees nothing gets 0.
     """
     for m in numba.prange(visible.shape[0]):
-        _row_extent(visible, counts, row_end, m)
+        row_extent(visible, counts, row_end, m)
     rows = ids.shape[0]
     parts = min(rows, PARTS)
     for p in numba.prange(parts):
@@ -207,7 +207,7 @@ def simhash_attend_serial(
 ):  # pragma: no cover - compiled
     """`simhash_attend` on the calling thread: a decode step's few rows cost less than waking numba's pool."""
     for m in range(visible.shape[0]):
-        _row_extent(visible, counts, row_end, m)
+        row_extent(visible, counts, row_end, m)
     block, slot_key, below, scores, acc, top, held = _scratch(ids.shape[1], values.shape[2])
     for r in range(ids.shape[0]):
         _attend_row(

@@ -9,7 +9,9 @@ ids)`, so a plain function keeps working unchanged. A built-in method additional
 - keeps what must survive from one call to the next of the same sequence (H2O's accumulated scores, SnapKV's
   selection, Quest's page summaries, an ANN index) in `approx_state(module)`, a dict per attention module that the
   probe empties whenever a call starts a new sequence (a call with no cached keys: as many keys as queries), so
-  nothing leaks from one document into the next;
+  nothing leaks from one document into the next; `sequence_tokens(module, visible)` says which keys of that first
+  call are tokens rather than padding (the probe, which sees the call's whole mask, records them: a method sees only
+  its chunk's rows, which do not reach the later keys of the prompt);
 - reports the work it spent choosing its keys with `report_scanned(module, scanned)`, in key-vector equivalents per
   query (scoring one key against the query with its full vector = 1).
 """
@@ -98,8 +100,23 @@ def approx_state(module: torch.nn.Module) -> dict[str, Any]:
     return state
 
 
-def reset_state(module: torch.nn.Module) -> None:
+def reset_state(module: torch.nn.Module, tokens: torch.Tensor | None = None) -> None:
+    """Start a new sequence: an empty state, and, where the caller knows them, which keys of its first call are tokens
+    (bool (B, K), see `sequence_tokens`)."""
     module.__dict__["_approx_state"] = {}
+    module.__dict__["_approx_tokens"] = tokens
+
+
+def sequence_tokens(module: torch.nn.Module, visible: torch.Tensor) -> torch.Tensor:
+    """Bool (B, K): which keys of the sequence's first call are tokens, not padding, as the probe recorded them at
+    `reset_state`; without a record that fits (a direct call), the keys some row of this call's mask `visible`
+    (B, 1 or Hq, Q, K) sees. A method that summarises the whole prompt once (MagicPIG's key centre) needs this: the
+    probe hands a method one chunk of queries at a time, and the first chunk's rows do not see the prompt's later
+    keys."""
+    tokens = module.__dict__.get("_approx_tokens")
+    if tokens is not None and tokens.shape == (visible.shape[0], visible.shape[-1]):
+        return tokens.to(visible.device)
+    return visible.any(-2).any(1)
 
 
 def report_scanned(module: torch.nn.Module, scanned: torch.Tensor | float) -> None:
