@@ -238,6 +238,24 @@ def exact_attention(
     return weighted_values(probs, value), probs, logits.topk(k, dim=-1).indices
 
 
+def prefix_fingerprint(key: torch.Tensor, length: int) -> torch.Tensor:
+    """The first and the `length`-th key of every (row, head) of key (B, Hkv, K, D): what a method that keeps
+    something built from a sequence's first `length` keys (an index, hash codes) remembers to notice, with
+    `holds_prefix`, a call that brings another sequence."""
+    return key[:, :, [0, length - 1]].detach().float().clone()
+
+
+def holds_prefix(fingerprint: torch.Tensor, length: int, key: torch.Tensor) -> bool:
+    """Whether state built from `length` keys with this `prefix_fingerprint` still describes `key`'s first keys:
+    the same rows and heads, at least as many keys now, the same first and `length`-th key. The probe empties the
+    state at each new sequence; this guards callers that do not reset (a direct call with another sequence)."""
+    return (
+        length <= key.shape[2]
+        and fingerprint.shape[:2] == key.shape[:2]
+        and torch.equal(fingerprint, prefix_fingerprint(key, length))
+    )
+
+
 def static_keys(visible: torch.Tensor, sinks: int, window: int) -> torch.Tensor:
     """Bool like `visible`: each row's first `sinks` and last `window` visible keys (the static keys that MagicPIG and
     RetrievalAttention attend exactly)."""

@@ -40,7 +40,15 @@ import torch
 from ...errors import UserInputError
 from .._numba import numba_module
 from ..kernel_rows import mask_rows, row_groups, row_kernel
-from .common import masked_logits, module_softcap, padded_ids, static_keys, weighted_ids
+from .common import (
+    holds_prefix,
+    masked_logits,
+    module_softcap,
+    padded_ids,
+    prefix_fingerprint,
+    static_keys,
+    weighted_ids,
+)
 from .contract import approx_args, approx_state, method, report_scanned
 
 STATE_KEY = "ivf"
@@ -101,7 +109,7 @@ class _Index:
             lists[b, h] = torch.from_numpy(quantizer.search(new[b, h], 1)[1][:, 0].astype(np.int64))
         self.lists = torch.cat([self.lists, lists], dim=2)
         self.length = key.shape[2]
-        self.fingerprint = _fingerprint(key, self.length)
+        self.fingerprint = prefix_fingerprint(key, self.length)
 
     def probed(self, query: torch.Tensor, nprobe: int) -> torch.Tensor:
         """Bool (B, Hq, Q, nlist): the lists each query probes (its nprobe best centroids by inner product)."""
@@ -120,11 +128,6 @@ def _host_rows(key: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(key.detach().float().cpu().numpy())
 
 
-def _fingerprint(key: torch.Tensor, length: int) -> torch.Tensor:
-    """The first and last indexed key of every (row, head): enough to notice a different sequence."""
-    return key[:, :, [0, length - 1]].detach().float().cpu().clone()
-
-
 def sequence_index(module: torch.nn.Module, key: torch.Tensor, args: dict[str, Any]) -> _Index:
     """The index of the module's current sequence: built at its first call, extended when the cache has grown.
 
@@ -134,11 +137,7 @@ def sequence_index(module: torch.nn.Module, key: torch.Tensor, args: dict[str, A
     state = approx_state(module)
     index = state.get(STATE_KEY)
     length = key.shape[2]
-    if index is not None and (
-        index.length > length
-        or index.fingerprint.shape[:2] != key.shape[:2]
-        or not torch.equal(index.fingerprint, _fingerprint(key, index.length))
-    ):
+    if index is not None and not holds_prefix(index.fingerprint, index.length, key):
         index = None
     if index is None:
         index = state[STATE_KEY] = _Index(key, list_counts(args, length)[0])

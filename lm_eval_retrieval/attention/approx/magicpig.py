@@ -45,7 +45,16 @@ import torch
 from ...errors import UserInputError
 from .._numba import numba_module
 from ..kernel_rows import mask_rows, row_groups, row_kernel
-from .common import masked_logits, module_softcap, padded_ids, shared_scores, static_keys, weighted_values
+from .common import (
+    holds_prefix,
+    masked_logits,
+    module_softcap,
+    padded_ids,
+    prefix_fingerprint,
+    shared_scores,
+    static_keys,
+    weighted_values,
+)
 from .contract import approx_args, approx_state, method, report_scanned, sequence_tokens
 
 PLANE_SEED = 2410_16179  # hyperplanes: randn(D, tables*bits) from Generator().manual_seed(PLANE_SEED + layer)
@@ -125,7 +134,7 @@ class _Tables:
             self.codes[..., self.length : k_len] = _codes(projections, tables, bits).transpose(-1, -2)
         self.norms[:, :, self.length : k_len] = centred.norm(dim=-1)
         self.length = k_len
-        self.fingerprint = _fingerprint(key, k_len)
+        self.fingerprint = prefix_fingerprint(key, k_len)
         self._buckets = None
 
     def buckets(self, kernels, k_len: int, wanted: bool) -> tuple[np.ndarray, np.ndarray]:  # type: ignore[no-untyped-def]
@@ -144,11 +153,6 @@ class _Tables:
         return self._buckets
 
 
-def _fingerprint(key: torch.Tensor, length: int) -> torch.Tensor:
-    """The first and last hashed key of every (row, head): enough to notice a different sequence."""
-    return key[:, :, [0, length - 1]].detach().float().clone()
-
-
 def sequence_tables(
     module: torch.nn.Module, key: torch.Tensor, visible: torch.Tensor, settings: tuple, planes: torch.Tensor
 ) -> _Tables:
@@ -160,11 +164,7 @@ def sequence_tables(
     kept: _Tables | None = state.get(STATE_KEY)
     k_len = key.shape[2]
     if kept is not None and (
-        kept.settings != settings
-        or kept.planes is not planes
-        or kept.length > k_len
-        or kept.fingerprint.shape[:2] != key.shape[:2]
-        or not torch.equal(kept.fingerprint, _fingerprint(key, kept.length))
+        kept.settings != settings or kept.planes is not planes or not holds_prefix(kept.fingerprint, kept.length, key)
     ):
         kept = None
     if kept is None:
