@@ -12,7 +12,7 @@ from transformers import DynamicCache
 
 from lm_eval_retrieval.attention.approx import exact_attention, exact_topk, simhash
 from lm_eval_retrieval.attention.hook import install_hook
-from lm_eval_retrieval.attention.probes import ApproxProbe
+from lm_eval_retrieval.attention.probes import SCORE_WIDTH_ALIGN, ApproxProbe, aligned_chunks
 from lm_eval_retrieval.errors import UserInputError
 from reference_approx import FIELDS, reference_stats
 from tiny_models import ARCH_BACKENDS, VOCAB, tiny_model
@@ -46,8 +46,11 @@ def windows_of(model) -> list[int | None]:
     return [window] * config.num_hidden_layers
 
 
-def analysed_run(model, approx_fn, ids, padding, layerwise=True, decode=True, topk=TOPK, chunk_elements=2**23):
-    """Prefill a left-padded batch, then one cached decode step; returns (probe, capture, logits)."""
+def analysed_run(
+    model, approx_fn, ids, padding, layerwise=True, decode=True, topk=TOPK, chunk_elements=2**23, prefix=0
+):
+    """Prefill a left-padded batch (its first `prefix` tokens in a call of their own, the rest against their cached
+    keys), then one cached decode step; returns (probe, capture, logits). Capture steps count the calls."""
     state = install_hook(model, "sdpa" if model.config._attn_implementation == "sdpa" else "eager")
     for name, module in model.named_modules():
         if name in state.module_names:
@@ -61,10 +64,16 @@ def analysed_run(model, approx_fn, ids, padding, layerwise=True, decode=True, to
     cache = DynamicCache(config=model.config)
     logits = []
     with torch.no_grad():
-        out = model(ids, attention_mask=padding[:, : ids.shape[1]], past_key_values=cache, use_cache=True)
+        if prefix:
+            out = model(ids[:, :prefix], attention_mask=padding[:, :prefix], past_key_values=cache, use_cache=True)
+            logits.append(out.logits)
+            capture.step = 1
+        out = model(
+            ids[:, prefix:], attention_mask=padding[:, : ids.shape[1]], past_key_values=cache, use_cache=True
+        )
         logits.append(out.logits)
         if decode:
-            capture.step = 1
+            capture.step += 1
             token = out.logits[:, -1:].argmax(-1)
             out = model(token, attention_mask=padding, past_key_values=cache, use_cache=True)
             logits.append(out.logits)
@@ -105,6 +114,39 @@ def test_exact_topk_matches_reference_with_padding_and_decode(arch: str, base: s
     assert_matches_reference(probe, capture, model, padding, [ids.shape[1], ids.shape[1] + 1])
     assert torch.all(probe.stats.means("recall")[probe.stats.queries > 0] == 1.0)
     assert torch.all(probe.stats.means("error_norm")[probe.stats.queries > 0] > 0)
+
+
+@pytest.mark.parametrize(
+    ("q_len", "first_query_key", "chunk"), [(1000, 0, 227), (1000, 37, 100), (50, 3, 64), (300, 5, 20), (300, 5, 10)],
+)
+def test_aligned_chunks_cover_every_query_once_and_end_on_aligned_keys(q_len, first_query_key, chunk) -> None:
+    bounds = aligned_chunks(q_len, first_query_key, chunk)
+    assert bounds[0][0] == 0 and bounds[-1][1] == q_len
+    assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+    assert all(0 < end - start <= chunk for start, end in bounds)
+    if chunk >= SCORE_WIDTH_ALIGN:  # every chunk but the last ends on a multiple of 16 keys
+        assert all((first_query_key + end) % SCORE_WIDTH_ALIGN == 0 for _, end in bounds[:-1])
+        assert all(end - start > chunk - SCORE_WIDTH_ALIGN for start, end in bounds[:-1])
+    else:  # a few rows per chunk: cut where they fall
+        assert all(end - start == chunk for start, end in bounds[:-1])
+
+
+@pytest.mark.parametrize(("approx_fn", "padded"), [(exact_topk, True), (exact_topk, False), (simhash, False)])
+def test_long_chunks_after_cached_keys_match_the_reference(approx_fn, padded: bool) -> None:
+    """Chunks of 64 queries (each ends on a multiple of 16 keys) in a call that follows 21 cached keys, with left
+    padding (the masked path) and without (the causal path), against the fp64 reference."""
+    model = tiny_model("llama")
+    ids, padding = _batch(length=120)
+    if not padded:
+        padding[:] = 1
+    heads = model.config.num_attention_heads
+    chunk_elements = 2 * heads * ids.shape[1] * 64 + heads  # 64 queries per chunk of the second call
+    probe, capture, _ = analysed_run(model, approx_fn, ids, padding, chunk_elements=chunk_elements, prefix=21)
+    assert any(call["query"].shape[2] == 120 - 21 for call in capture.calls)
+    assert_matches_reference(
+        probe, capture, model, padding, [21, ids.shape[1], ids.shape[1] + 1],
+        approx_fn=None if approx_fn is exact_topk else approx_fn,
+    )
 
 
 @pytest.mark.parametrize("approx_fn", [exact_topk, simhash])

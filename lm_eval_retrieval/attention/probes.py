@@ -85,6 +85,26 @@ class _CausalMasks:
 _causal_mask = _CausalMasks()
 
 
+SCORE_WIDTH_ALIGN = 16
+
+
+def aligned_chunks(q_len: int, first_query_key: int, chunk: int) -> list[tuple[int, int]]:
+    """Query chunks (start, end) of at most `chunk` rows covering 0..q_len, for a call whose query i is key
+    `first_query_key + i`. A causal chunk's scores stop at its last query's key, so their width is
+    first_query_key + end; MKL's matmul runs about half as fast when that width is not a multiple of 16 (measured:
+    9.4 ms against 4.3 ms for 681 rows by 2043 or 2048 keys), so every chunk but the last ends where it is one: a
+    chunk of at least 16 rows gives up fewer than 16 of them for that."""
+    bounds = []
+    start = 0
+    while start < q_len:
+        end = min(q_len, start + chunk)
+        if chunk >= SCORE_WIDTH_ALIGN and end < q_len:
+            end -= (first_query_key + end) % SCORE_WIDTH_ALIGN
+        bounds.append((start, end))
+        start = end
+    return bounds
+
+
 def real_queries(visible: torch.Tensor, q_start: int, q_len: int) -> torch.Tensor:
     """Bool (B, 1 or Hq, C): queries that are real tokens, not padding.
 
@@ -384,8 +404,8 @@ class ApproxProbe:
         if self._scores is None or self._scores.numel() < needed or self._scores.device != call.query.device:
             self._scores = torch.empty(needed, dtype=torch.float32, device=call.query.device)
         approx_chunks = []
-        for chunk_start in range(0, q_len, chunk):
-            for start, end, k in self._budget_runs(call, chunk_start, min(q_len, chunk_start + chunk)):
+        for chunk_start, chunk_end in aligned_chunks(q_len, k_len - q_len, chunk):
+            for start, end, k in self._budget_runs(call, chunk_start, chunk_end):
                 chunk_lse = None if lse is None else lse[:, :, start:end]
                 approx_chunks.append(self._analyse_chunk(call, output, chunk_lse, key, key_t, value, start, end, k))
         if self.layerwise:
