@@ -238,6 +238,12 @@ def exact_attention(
     return weighted_values(probs, value), probs, logits.topk(k, dim=-1).indices
 
 
+def room_for_decoding(k_len: int) -> int:
+    """How many keys a per-sequence buffer sized now for k_len keys holds (simhash's codes, magicpig's tables): room
+    for the decode steps to come, so that each writes its key in place instead of copying all the kept ones."""
+    return k_len + max(64, k_len // 8)
+
+
 def prefix_fingerprint(key: torch.Tensor, length: int) -> torch.Tensor:
     """The first and the `length`-th key of every (row, head) of key (B, Hkv, K, D): what a method that keeps
     something built from a sequence's first `length` keys (an index, hash codes) remembers to notice, with

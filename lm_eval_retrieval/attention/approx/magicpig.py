@@ -51,6 +51,7 @@ from .common import (
     module_softcap,
     padded_ids,
     prefix_fingerprint,
+    room_for_decoding,
     shared_scores,
     static_keys,
     weighted_values,
@@ -117,7 +118,7 @@ class _Tables:
         bits, tables = self.settings[:2]
         batch, kv_heads, k_len, _ = key.shape
         if self.codes.shape[-1] < k_len:
-            room = k_len + max(64, k_len // 8)
+            room = room_for_decoding(k_len)
             codes = self.codes.new_empty(batch, kv_heads, tables, room)
             norms = self.norms.new_empty(batch, kv_heads, room)
             codes[..., : self.length] = self.codes[..., : self.length]

@@ -24,7 +24,7 @@ from ...errors import UserInputError
 from .._numba import numba_module
 from ..kernel_rows import mask_rows, row_groups, row_kernel
 from ..topk import row_topk
-from .common import attend_over_picked, module_softcap, seen_width
+from .common import attend_over_picked, module_softcap, room_for_decoding, seen_width
 from .contract import approx_args, approx_state, method, report_scanned
 
 DEFAULT_BITS = 16
@@ -154,9 +154,8 @@ def _key_codes(kernels, module: torch.nn.Module, keys: torch.Tensor, planes: tor
 
 
 def _code_buffer(groups: int, k_len: int) -> np.ndarray:
-    """Room for k_len codes per group and for the decode steps to come, so that each writes its key's code in place
-    instead of copying all."""
-    return np.empty((groups, k_len + max(64, k_len // 8)), dtype=np.int64)
+    """Room for k_len codes per group and for the decode steps to come (`common.room_for_decoding`)."""
+    return np.empty((groups, room_for_decoding(k_len)), dtype=np.int64)
 
 
 def _projections(vectors: torch.Tensor, planes: torch.Tensor) -> np.ndarray:
